@@ -30,7 +30,8 @@ _DATA = [  # SeqIO task definitions, caching and corpus cleaning (TensorFlow sid
     "apache-beam==2.77.0",
     "OpenCC==1.4.2",
 ]
-_DEV = ["pytest==9.0.3", "pytest-xdist==3.8.0", "datasketch==2.0.0"]
+_HF = ["torch==2.13.0", "transformers==5.23.0"]  # parity tests and the HF baseline benchmark
+_DEV = ["pytest==9.0.3", "pytest-xdist==3.8.0", "datasketch==2.0.0"] + _HF
 
 setuptools.setup(
     name="zhchat",
@@ -42,6 +43,6 @@ setuptools.setup(
     package_dir={"zhchat": "zhchat", **{f"zhchat.{p}": p for p in _SUBPACKAGES}},
     package_data={"zhchat.gin_configs": ["**/*.gin"], "zhchat.tasks": ["*.txt"]},
     install_requires=_CORE + _DATA,
-    extras_require={"dev": _DEV, "hf": ["torch==2.13.0", "transformers"]},
+    extras_require={"dev": _DEV, "hf": _HF},
     entry_points={"console_scripts": ["zhchat-train=zhchat.trainer.train:console_main"]},
 )
