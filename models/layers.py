@@ -1,0 +1,232 @@
+"""Shared flax layers with logical axis names: RMSNorm, DenseGeneral, Embed, RoPE and attention.
+
+Used by the LLaMA-style decoder (models/decoder.py) and the T5 v1.1 encoder-decoder (models/t5.py).
+Every parameter is created through `nn.with_logical_partitioning`, so the trainer can map the logical
+names (docs/architecture.md) onto any mesh. Parameters live in `param_dtype` (fp32); matmuls run in
+`dtype` (bf16 on accelerators).
+
+`dot_product_attention` is the single attention entry point. It calls `jax.nn.dot_product_attention`
+with cuDNN flash attention on GPU and XLA elsewhere, and falls back to XLA when cuDNN cannot take the
+inputs (fp32, head dim not a multiple of 8 or above 256, no GPU). Pure causal attention should be
+requested with `is_causal=True` and no mask, which cuDNN runs without materialising a [T, S] mask.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+Initializer = Callable[..., Array]
+
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def _canonical_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(a % ndim for a in axes)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (no mean subtraction, no bias), computed in fp32."""
+
+    epsilon: float = 1e-6
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    scale_axes: tuple[str, ...] = ("embed",)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, self.scale_axes),
+            (features,), self.param_dtype)
+        x32 = jnp.asarray(x, jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (y * jnp.asarray(scale, jnp.float32)).astype(self.dtype)
+
+
+class DenseGeneral(nn.Module):
+    """A linear map over `axis` of the input to `features`, with logical names on the kernel.
+
+    `kernel_axes` names the kernel dimensions: the contracted input axes first, then `features`.
+    The kernel is initialised as a 2-D [prod(in), prod(out)] matrix (correct fan-in) and reshaped.
+    """
+
+    features: int | Sequence[int]
+    axis: int | Sequence[int] = -1
+    kernel_axes: tuple[str, ...] = ()
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+    use_bias: bool = False
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axes = _canonical_axes(self.axis, x.ndim)
+        in_shape = tuple(x.shape[a] for a in axes)
+        kernel_shape = in_shape + features
+        if len(self.kernel_axes) != len(kernel_shape):
+            raise ValueError(f"{self.name}: kernel_axes {self.kernel_axes} must name all "
+                             f"{len(kernel_shape)} kernel dimensions {kernel_shape}")
+
+        def init(rng, shape, dtype):
+            flat = (int(np.prod(in_shape)), int(np.prod(features)))
+            return jnp.reshape(self.kernel_init(rng, flat, dtype), shape)
+
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                            kernel_shape, self.param_dtype)
+        x = jnp.asarray(x, self.dtype)
+        kernel = jnp.asarray(kernel, self.dtype)
+        contract = (axes, tuple(range(len(axes))))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                self.bias_init, self.kernel_axes[len(axes):]), features, self.param_dtype)
+            y = y + jnp.asarray(bias, self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding table [vocab, embed]; `attend` computes logits against it (tied output)."""
+
+    num_embeddings: int
+    features: int
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+    axes: tuple[str, str] = ("vocab", "embed")
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(self.embedding_init, self.axes),
+            (self.num_embeddings, self.features), self.param_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{self.name}: token ids must be integers, got {ids.dtype}")
+        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+
+    def attend(self, query: Array) -> Array:
+        """Logits of `query` [..., features] against every embedding: [..., num_embeddings]."""
+        emb = jnp.asarray(self.embedding, self.dtype)
+        return jnp.einsum("...e,ve->...v", jnp.asarray(query, self.dtype), emb)
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> np.ndarray:
+    """Inverse frequencies theta^(-2i/d) for i < d/2 (LLaMA / RoFormer)."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+
+
+def apply_rope(x: Array, positions: Array, *, theta: float = 10000.0) -> Array:
+    """Rotary position embedding of x [batch, len, heads, head_dim] at integer positions [batch, len].
+
+    Uses the half-split layout (first half of the head dim pairs with the second half, as in
+    HF LLaMA after its q/k permutation); computed in fp32 and cast back to x's dtype.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = jnp.asarray(rope_frequencies(head_dim, theta), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, d/2]
+    sin = jnp.sin(angles)[..., None, :]
+    cos = jnp.cos(angles)[..., None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def make_attention_mask(query_segment_ids: Array, kv_segment_ids: Array, *, causal: bool = False,
+                        query_positions: Array | None = None, kv_positions: Array | None = None,
+                        query_prefix: Array | None = None, kv_prefix: Array | None = None) -> Array:
+    """Boolean mask [batch, 1, q_len, kv_len]: True where a query may attend to a key.
+
+    Keys are visible only within the same segment (segment id 0 is padding and matches only padding).
+    With `causal`, a query sees keys at index <= its own (or, if positions are given, at position
+    <= its own). `query_prefix`/`kv_prefix` (1 on prefix-LM inputs) let prefix tokens of one segment
+    see each other bidirectionally.
+    """
+    mask = query_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    if causal:
+        if query_positions is None:
+            q_idx = jnp.arange(query_segment_ids.shape[1])[None, :, None]
+            kv_idx = jnp.arange(kv_segment_ids.shape[1])[None, None, :]
+        else:
+            q_idx, kv_idx = query_positions[:, :, None], kv_positions[:, None, :]
+        visible = kv_idx <= q_idx
+        if query_prefix is not None:
+            visible = visible | (query_prefix[:, :, None].astype(bool) & kv_prefix[:, None, :].astype(bool))
+        mask = mask & visible
+    return mask[:, None, :, :]
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_available() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def resolve_attention_impl(implementation: str, dtype: DType, head_dim: int) -> str:
+    """Picks "cudnn" or "xla". cuDNN flash attention needs a GPU, bf16/fp16 and head_dim % 8 == 0,
+    head_dim <= 256 (Hopper); anything else runs on XLA (also when "cudnn" is requested)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    if implementation == "xla":
+        return "xla"
+    cudnn_ok = (_gpu_available() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                and head_dim % 8 == 0 and head_dim <= 256)
+    return "cudnn" if cudnn_ok else "xla"
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, *, bias: Array | None = None,
+                          mask: Array | None = None, is_causal: bool = False,
+                          query_seq_lengths: Array | None = None,
+                          key_value_seq_lengths: Array | None = None,
+                          implementation: str = "auto", scale: float | None = None) -> Array:
+    """Multi-head / grouped-query attention over [batch, len, heads, head_dim] inputs.
+
+    query [b, t, n, h]; key/value [b, s, k, h] with n a multiple of k (GQA). `mask` is boolean,
+    broadcastable to [b, n, t, s]; `bias` is additive (e.g. T5 relative positions). `is_causal`
+    applies a top-left aligned causal mask (query i sees keys j <= i). Sequence lengths mark
+    right-padding. Returns [b, t, n, h] in the query's dtype. The softmax runs in fp32 on XLA.
+    """
+    impl = resolve_attention_impl(implementation, query.dtype, query.shape[-1])
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+    for name, lengths in (("query_seq_lengths", query_seq_lengths),
+                          ("key_value_seq_lengths", key_value_seq_lengths)):
+        if lengths is not None and lengths.dtype != jnp.int32:
+            raise ValueError(f"{name} must be int32, got {lengths.dtype}")
+    kwargs = dict(bias=bias, mask=mask, scale=scale, is_causal=is_causal,
+                  query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths)
+    if impl == "cudnn":
+        dtype = query.dtype
+        if bias is not None:
+            kwargs["bias"] = bias.astype(dtype)
+        try:
+            return jax.nn.dot_product_attention(query, key.astype(dtype), value.astype(dtype),
+                                                implementation="cudnn", **kwargs)
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass  # shapes/masks cuDNN rejects at trace time: use the XLA path below
+    return _xla_attention(query, key, value, **kwargs)
+
+
+def _xla_attention(query, key, value, *, bias, mask, **kwargs):
+    """jax.nn's XLA path; it computes logits and the softmax in fp32 for every input dtype."""
+    dtype = query.dtype
+    bias = None if bias is None else bias.astype(jnp.promote_types(dtype, jnp.float32))
+    return jax.nn.dot_product_attention(query, key.astype(dtype), value.astype(dtype), bias=bias,
+                                        mask=mask, implementation="xla", **kwargs)
