@@ -1,0 +1,92 @@
+"""Orbax checkpoints of the train state plus the data-iterator position, restorable onto any mesh.
+
+One checkpoint step holds two items: `state` (params, optimizer state, step; sharded arrays written by
+every process) and `data` (JSON: each process's iterator state). Saves are asynchronous (orbax copies
+device arrays to host, then writes in a background thread) and atomic (a temporary directory renamed
+when complete); `keep` bounds how many steps stay on disk. Restoring takes abstract arrays carrying the
+*target* shardings, so a run saved on one mesh resumes on another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+def _gather_json(obj: Any) -> list[Any]:
+    """All processes' JSON-serialisable `obj`, in process order (one element per process)."""
+    if jax.process_count() == 1:
+        return [obj]
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, lengths)]
+
+
+@gin.configurable
+class Checkpointer:
+    """Async, keep-N orbax checkpoint manager for (train state, data-iterator state)."""
+
+    def __init__(self, directory: str, *, keep: int | None = 3, save_every: int = 1000,
+                 async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
+            create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: Any = None, *, force: bool = False) -> bool:
+        """Starts saving `state` and the iterator state at `step` (every `save_every` or forced)."""
+        if not force and (self.save_every <= 0 or step % self.save_every):
+            return False
+        if step in self.manager.all_steps():
+            return False
+        payload = {"per_process": _gather_json(data_state)}
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(payload)), force=True)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, int]:
+        """Restores (state, this process's iterator state, step) onto the shardings in
+        `abstract_state` (a tree of `jax.ShapeDtypeStruct` with `sharding` set)."""
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        per_process = (restored["data"] or {}).get("per_process") or [None]
+        if len(per_process) != jax.process_count():
+            raise ValueError(
+                f"checkpoint {self.directory}/{step} holds data-iterator states of "
+                f"{len(per_process)} processes, this run has {jax.process_count()}")
+        return restored["state"], per_process[jax.process_index()], step
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s of `tree` carrying `shardings` (the restore target)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)

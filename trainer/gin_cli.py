@@ -1,0 +1,86 @@
+"""T5X-style gin command line: `--gin_file=...` (repeatable) and `--gin.KEY=VALUE` bindings.
+
+Gin files resolve relative to the cwd or to the installed `zhchat/gin_configs` folder (both
+`models/x.gin` and `gin_configs/models/x.gin` work). Configurables must be registered before parsing
+for gin to reject typos, so `import_configurables` imports every module that defines them.
+A bad file or binding becomes a `GinConfigError` carrying one concise message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Sequence
+
+import gin
+
+# Modules that register gin configurables; the trainer imports them all before parsing.
+CONFIGURABLE_MODULES = (
+    "zhchat.trainer.partitioning", "zhchat.trainer.optimizers", "zhchat.trainer.checkpoints",
+    "zhchat.trainer.synthetic_data", "zhchat.trainer.train",
+    "zhchat.models.decoder_model", "zhchat.models.encdec_model", "zhchat.tasks.cache_reader",
+)
+
+
+class GinConfigError(ValueError):
+    """A gin file or binding is wrong (unknown configurable/parameter, syntax, missing file)."""
+
+
+def import_configurables(modules: Sequence[str] = CONFIGURABLE_MODULES) -> list[str]:
+    """Imports the modules that exist; returns the names of those not present in this checkout."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):  # a dependency is missing: real error
+                raise
+            missing.append(name)
+    return missing
+
+
+def gin_search_paths() -> list[str]:
+    import zhchat.gin_configs
+    configs = os.path.dirname(os.path.abspath(zhchat.gin_configs.__file__))
+    return [os.getcwd(), configs, os.path.dirname(configs)]
+
+
+def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """Separates `--gin_file=F`/`--gin_file F` and `--gin.K=V` from the other arguments."""
+    files, bindings, rest = [], [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--gin_file="):
+            files.append(arg.split("=", 1)[1])
+        elif arg == "--gin_file" and i + 1 < len(args):
+            files.append(args[i + 1])
+            i += 1
+        elif arg.startswith("--gin."):
+            key_value = arg[len("--gin."):]
+            if "=" not in key_value:
+                raise GinConfigError(f"gin binding {arg!r}: expected --gin.KEY=VALUE")
+            bindings.append(key_value)
+        elif arg.startswith("--gin_bindings="):
+            bindings.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    return files, bindings, rest
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
+    """Parses gin files then bindings (later wins), raising `GinConfigError` with a short message."""
+    import_configurables()
+    for path in gin_search_paths():
+        gin.add_config_file_search_path(path)
+    try:
+        gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    except (ValueError, OSError, SyntaxError, TypeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        where = next((ln for ln in lines[1:] if ln.startswith("In ")), "")
+        binding = lines[-1] if len(lines) > 2 else ""
+        msg = lines[0] if lines else type(e).__name__
+        detail = " ".join(x for x in (where, f"`{binding}`" if binding else "") if x)
+        raise GinConfigError(f"gin config error: {msg}" + (f" ({detail})" if detail else "")) from e

@@ -1,0 +1,79 @@
+"""Training metrics: TensorBoard + a jsonl file in the run dir, a tqdm bar, throughput and MFU.
+
+Only process 0 writes. Device metrics are fetched once per `log_every` window (one host sync), so the
+steps in between are dispatched without waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import tqdm
+
+H100_BF16_PEAK_FLOPS = 989e12
+
+
+def throughput(*, tokens: float, seconds: float, flops_per_token: float, num_devices: int,
+               peak_flops_per_device: float = H100_BF16_PEAK_FLOPS) -> dict[str, float]:
+    """tokens/s, tokens/s/device, achieved TFLOP/s per device and MFU (achieved / peak)."""
+    seconds = max(seconds, 1e-9)
+    flops_per_device = tokens * flops_per_token / seconds / num_devices
+    return {"tokens_per_sec": tokens / seconds,
+            "tokens_per_sec_per_device": tokens / seconds / num_devices,
+            "tflops_per_device": flops_per_device / 1e12,
+            "mfu": flops_per_device / peak_flops_per_device}
+
+
+def mean_metrics(window: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Fetches a window of per-step device metrics (one transfer) and averages them per key."""
+    host = jax.device_get(window)
+    keys = host[0].keys() if host else []
+    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in host])) for k in keys}
+
+
+class MetricsWriter:
+    """Writes scalars to TensorBoard (tensorboardX) and `metrics.jsonl`; drives the progress bar."""
+
+    def __init__(self, run_dir: str | None, *, total_steps: int, initial_step: int = 0,
+                 progress_bar: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.run_dir = run_dir
+        self._tb = self._jsonl = None
+        if self.enabled and run_dir:
+            os.makedirs(run_dir, exist_ok=True)
+            from tensorboardX import SummaryWriter  # imported lazily: heavy, host 0 only
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._bar = (tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
+                               desc="train") if self.enabled and progress_bar else None)
+
+    def write(self, step: int, scalars: Mapping[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self._tb.add_scalar(k, v, int(step))
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._bar is not None and prefix == "train":
+            shown = {k: scalars[k] for k in ("loss", "mfu") if k in scalars}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

@@ -1,0 +1,319 @@
+"""The gin-configured train loop and its CLI (`python -m zhchat.trainer.train`).
+
+`train(...)` builds the mesh, initialises the train state directly sharded (jit with out_shardings),
+or restores the latest checkpoint in `run_dir` onto the current mesh, then runs jitted, donated steps
+over batches placed on devices one step ahead. Metrics are fetched every `log_every` steps only.
+Pretraining, SFT and RL stages call it from Python too; it returns a small summary for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zhchat.trainer import checkpoints as ckpt_lib
+from zhchat.trainer import gin_cli
+from zhchat.trainer import metrics as metrics_lib
+from zhchat.trainer import optimizers
+from zhchat.trainer import partitioning
+from zhchat.trainer import train_state as ts
+
+
+def make_iterator(source: Any, *, batch_size: int, seed: int) -> Iterator:
+    """An iterator of this process's batches: `source` is an iterator, an iterable, or a factory
+    called with (batch_size, seed, shard_index, shard_count) for this process's input shard."""
+    if source is None:
+        raise ValueError("train.train_data is not set (bind e.g. @train/make_cache_iterator)")
+    if hasattr(source, "__next__"):
+        return source
+    if callable(source):
+        return source(batch_size=batch_size, seed=seed, shard_index=jax.process_index(),
+                      shard_count=jax.process_count())
+    return iter(source)
+
+
+class DevicePrefetcher:
+    """Yields (global device batch, iterator state after it) with the next batch already placed."""
+
+    def __init__(self, it: Iterator, sharding: jax.sharding.Sharding, *, global_batch: int):
+        self.it, self.sharding, self.global_batch = it, sharding, global_batch
+        self._next = self._fetch()
+
+    def _state(self) -> Any:
+        return self.it.get_state() if hasattr(self.it, "get_state") else None
+
+    def _fetch(self) -> tuple[dict[str, jax.Array], Any] | None:
+        try:
+            local = next(self.it)
+        except StopIteration:
+            return None
+        batch = {}
+        for name, x in local.items():
+            x = np.asarray(x)
+            global_shape = (self.global_batch,) + x.shape[1:]
+            batch[name] = jax.make_array_from_process_local_data(self.sharding, x, global_shape)
+        return batch, self._state()
+
+    def __next__(self) -> tuple[dict[str, jax.Array], Any]:
+        current = self._next
+        if current is None:
+            raise StopIteration
+        self._next = self._fetch()
+        return current
+
+
+def init_shardings(model: Any, tx: Any, partitioner: partitioning.Partitioner,
+                   batch_shapes: Mapping[str, tuple], rng: jax.Array) -> tuple[Any, Any, Callable]:
+    """(abstract boxed params, TrainState of shardings, init fn) without allocating anything."""
+    def init_fn(key):
+        return ts.TrainState.create(nn.unbox(model.init_params(key, batch_shapes)), tx)
+
+    with partitioner.activate():
+        boxed = jax.eval_shape(lambda k: model.init_params(k, batch_shapes), rng)
+        abstract_state = jax.eval_shape(init_fn, rng)
+    params_sh = partitioner.shardings(boxed)
+    opt_sh = partitioner.derived_shardings(abstract_state.opt_state, nn.unbox(boxed), params_sh)
+    state_sh = ts.TrainState(step=partitioner.replicated, params=params_sh, opt_state=opt_sh, tx=tx)
+    return boxed, state_sh, init_fn
+
+
+def describe(model: Any, partitioner: partitioning.Partitioner, boxed: Any, seq_len: int) -> str:
+    """The dry-run report: parameter count, mesh, per-parameter shardings and FLOPs per token."""
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(boxed)))
+    lines = [f"parameters: {count:,} ({count / 1e9:.2f}B)",
+             f"mesh: {dict(partitioner.mesh.shape)} over {partitioner.mesh.devices.size} "
+             f"{jax.devices()[0].platform} device(s)",
+             f"flops per token (seq_len={seq_len}, fwd+bwd): {model.flops_per_token(seq_len):.4e}",
+             "shardings (path, shape, logical axes -> mesh axes):"]
+    return "\n".join(lines + ["  " + ln for ln in partitioner.summary(boxed)])
+
+
+@gin.configurable
+def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any = None,
+          partitioner: partitioning.Partitioner | None = None, optimizer: Any = None,
+          schedule: Callable | None = None, num_steps: int = 1000, batch_size: int = 8,
+          microbatches: int = 1, seq_len: int | None = None, eval_every: int = 0,
+          eval_steps: int = 10, log_every: int = 10, checkpoint_every: int = 1000,
+          keep_checkpoints: int | None = 3, async_checkpointing: bool = True,
+          run_dir: str | None = None, seed: int = 0,
+          peak_flops_per_device: float = metrics_lib.H100_BF16_PEAK_FLOPS,
+          progress_bar: bool = True, dry_run: bool = False) -> dict[str, Any]:
+    """Trains `model` for `num_steps` (global batch `batch_size` split into `microbatches`).
+
+    Resumes from the latest checkpoint under `run_dir/checkpoints` when there is one (same step,
+    data position and RNG). Returns {"step", "loss", "history", "eval_history", "num_params"};
+    with `dry_run` only prints the model/mesh report and returns {"num_params", "report"}.
+    """
+    partitioner = partitioner or partitioning.Partitioner()
+    tx = optimizer or optimizers.make_optimizer()
+    dp = partitioner.data_parallel_size
+    if batch_size % microbatches or (batch_size // microbatches) % dp:
+        raise ValueError(f"train.batch_size={batch_size} must split into microbatches="
+                         f"{microbatches} each divisible by the data-parallel size {dp}")
+    if batch_size % jax.process_count():
+        raise ValueError(f"train.batch_size={batch_size} not divisible by "
+                         f"{jax.process_count()} processes")
+    local_batch = batch_size // jax.process_count()
+    init_rng, step_rng = jax.random.split(jax.random.key(seed))
+
+    data_it = first = None
+    if seq_len is None and not dry_run:
+        data_it = make_iterator(train_data, batch_size=local_batch, seed=seed)
+        if hasattr(data_it, "get_state"):
+            start_data_state = data_it.get_state()
+            first = next(data_it)
+            data_it.set_state(start_data_state)
+        else:
+            first = next(data_it)
+        seq_len = int(np.asarray(first["decoder_input_tokens"]).shape[1])
+    seq_len = seq_len or 2048
+    shapes = {k: (batch_size // microbatches, seq_len) for k in
+              ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
+               "decoder_positions", "decoder_loss_weights")}
+    boxed, state_sh, init_fn = init_shardings(model, tx, partitioner, shapes, init_rng)
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(boxed)))
+    if dry_run:
+        report = describe(model, partitioner, boxed, seq_len)
+        print(report, flush=True)
+        return {"num_params": num_params, "report": report}
+
+    if data_it is None:
+        data_it = make_iterator(train_data, batch_size=local_batch, seed=seed)
+    if first is not None and not hasattr(data_it, "get_state"):
+        data_it = _chain_first(first, data_it)
+
+    checkpointer = None
+    if run_dir and (checkpoint_every or keep_checkpoints):
+        checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"),
+                                             keep=keep_checkpoints, save_every=checkpoint_every,
+                                             async_save=async_checkpointing)
+    with partitioner.activate():
+        if checkpointer is not None and checkpointer.latest_step() is not None:
+            abstract = jax.eval_shape(init_fn, init_rng)
+            state, data_state, _ = checkpointer.restore(
+                ckpt_lib.abstract_with_shardings(abstract, state_sh))
+            if data_state is not None and hasattr(data_it, "set_state"):
+                data_it.set_state(data_state)
+        else:
+            state = jax.jit(init_fn, out_shardings=state_sh)(init_rng)
+        start = int(jax.device_get(state.step))
+
+        loss_fn = model.loss_fn
+        constrain = lambda b: jax.lax.with_sharding_constraint(  # noqa: E731
+            b, partitioner.batch_sharding)
+        step_fn = jax.jit(
+            lambda s, b, r: ts.train_step(s, b, loss_fn=loss_fn, rng=r,
+                                          microbatches=microbatches, constrain=constrain),
+            in_shardings=(state_sh, partitioner.batch_sharding, partitioner.replicated),
+            out_shardings=(state_sh, partitioner.replicated), donate_argnums=(0,))
+        eval_fn = jax.jit(lambda p, b: ts.eval_step(p, b, loss_fn=loss_fn),
+                          in_shardings=(state_sh.params, partitioner.batch_sharding),
+                          out_shardings=partitioner.replicated)
+
+        writer = metrics_lib.MetricsWriter(run_dir, total_steps=num_steps, initial_step=start,
+                                           progress_bar=progress_bar)
+        flops_per_token = model.flops_per_token(seq_len)
+        batches = DevicePrefetcher(data_it, partitioner.batch_sharding, global_batch=batch_size)
+        eval_runner = _EvalRunner(eval_data, eval_fn, partitioner, batch_size=batch_size,
+                                  local_batch=local_batch, seed=seed, steps=eval_steps)
+        history, eval_history, window = [], [], []
+        data_state, t_start, timed_steps = None, None, 0
+        for step in range(start, num_steps):
+            try:
+                batch, next_data_state = next(batches)
+            except StopIteration:
+                print(f"train data ran out after step {step} (of num_steps={num_steps}); "
+                      "stopping", file=sys.stderr, flush=True)
+                break
+            data_state = next_data_state
+            state, step_metrics = step_fn(state, batch, step_rng)
+            window.append(step_metrics)
+            done = step + 1
+            if t_start is None:  # the first step compiles: time throughput from its end
+                jax.block_until_ready(state.step)
+                t_start, timed_steps = time.perf_counter(), 0
+            else:
+                timed_steps += 1
+            if done % log_every == 0 or done == num_steps:
+                scalars = metrics_lib.mean_metrics(window)
+                if timed_steps:
+                    scalars.update(metrics_lib.throughput(
+                        tokens=timed_steps * batch_size * seq_len,
+                        seconds=time.perf_counter() - t_start,
+                        flops_per_token=flops_per_token, num_devices=jax.device_count(),
+                        peak_flops_per_device=peak_flops_per_device))
+                if schedule is not None:
+                    scalars["learning_rate"] = float(schedule(done))
+                writer.write(done, scalars)
+                history.append({"step": done, **scalars})
+                window, t_start, timed_steps = [], time.perf_counter(), 0
+            if eval_every and done % eval_every == 0 and eval_runner.enabled:
+                results = eval_runner(state.params)
+                writer.write(done, results, prefix="eval")
+                eval_history.append({"step": done, **results})
+            if checkpointer is not None:
+                checkpointer.save(done, state, data_state)
+            writer.advance()
+        if checkpointer is not None:
+            if data_state is not None or start < num_steps:
+                checkpointer.save(int(jax.device_get(state.step)), state, data_state, force=True)
+            checkpointer.close()
+        writer.close()
+    final_loss = history[-1]["loss"] if history else float("nan")
+    return {"step": int(jax.device_get(state.step)), "loss": final_loss, "history": history,
+            "eval_history": eval_history, "num_params": num_params, "state": state}
+
+
+def _chain_first(first: Mapping[str, np.ndarray], rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+class _EvalRunner:
+    """Evaluates `steps` batches of the eval stream, rewound to its start each time if possible."""
+
+    def __init__(self, source: Any, eval_fn: Callable, partitioner: partitioning.Partitioner, *,
+                 batch_size: int, local_batch: int, seed: int, steps: int):
+        self.enabled = source is not None
+        if not self.enabled:
+            return
+        self.it = make_iterator(source, batch_size=local_batch, seed=seed)
+        self.start = self.it.get_state() if hasattr(self.it, "get_state") else None
+        self.eval_fn, self.partitioner, self.batch_size, self.steps = (
+            eval_fn, partitioner, batch_size, steps)
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        if self.start is not None:
+            self.it.set_state(self.start)
+        fetched = DevicePrefetcher(self.it, self.partitioner.batch_sharding,
+                                   global_batch=self.batch_size)
+        parts = []
+        for _ in range(self.steps):
+            batch, _ = next(fetched)
+            parts.append(self.eval_fn(params, batch))
+        host = jax.device_get(parts)
+        counts = np.array([float(m.get("num_tokens", 1.0)) for m in host])
+        total = max(counts.sum(), 1.0)
+        return {k: float(sum(np.asarray(m[k], np.float64) for m in host)) if k.startswith("num_")
+                else float(sum(float(m[k]) * c for m, c in zip(host, counts)) / total)
+                for k in host[0]}
+
+
+def _distributed_init(args: argparse.Namespace) -> None:
+    """`jax.distributed.initialize` from flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID, when a coordinator is given (multi-host launch)."""
+    address = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
+        return
+    num = args.num_processes or os.environ.get("JAX_NUM_PROCESSES")
+    pid = args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(coordinator_address=address,
+                               num_processes=None if num is None else int(num),
+                               process_id=None if pid is None else int(pid))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: parse gin, optionally join a multi-host job, run `train` (or the dry run)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        files, bindings, rest = gin_cli.split_gin_args(argv)
+        parser = argparse.ArgumentParser(prog="python -m zhchat.trainer.train")
+        parser.add_argument("--dry_run", action="store_true",
+                            help="print params/mesh/shardings/FLOPs via eval_shape and exit")
+        parser.add_argument("--coordinator_address", default=None)
+        parser.add_argument("--num_processes", type=int, default=None)
+        parser.add_argument("--process_id", type=int, default=None)
+        args = parser.parse_args(rest)
+        gin_cli.parse_gin(files, bindings)
+    except gin_cli.GinConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    _distributed_init(args)
+    try:
+        summary = train(dry_run=args.dry_run)
+    except RuntimeError as e:  # gin: a REQUIRED binding (e.g. the model) was not provided
+        if "Required bindings" not in str(e):
+            raise
+        print(f"gin config error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        print(f"finished at step {summary['step']}, loss {summary['loss']:.4f}", flush=True)
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()
