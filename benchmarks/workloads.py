@@ -1,0 +1,92 @@
+"""Benchmark workloads shared by our benchmarks and the HF baselines, so both run the same shapes.
+
+A workload names a gin model preset and the batch/sequence shapes; `load_model` parses the preset
+(plus extra bindings such as a tiny vocab for CPU smoke runs) and returns the model wrapper and its
+config, which the HF baseline translates into the equivalent transformers config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import gin
+
+import zhchat.gin_configs
+
+GIN_DIR = os.path.dirname(zhchat.gin_configs.__file__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A model preset and the shapes of one training / decoding benchmark."""
+
+    name: str
+    preset: str            # gin file under gin_configs/models/
+    kind: str              # "decoder" or "encdec"
+    batch_size: int
+    seq_len: int           # decoder length, or the targets length of an encoder-decoder
+    inputs_len: int = 0    # encoder length (encdec only)
+
+
+WORKLOADS = {
+    "decoder_1b": Workload("decoder_1b", "decoder_1b.gin", "decoder", batch_size=8, seq_len=2048),
+    "t5_large": Workload("t5_large", "t5_large.gin", "encdec", batch_size=64, seq_len=114,
+                         inputs_len=512),
+    "decoder_tiny": Workload("decoder_tiny", "decoder_tiny.gin", "decoder", batch_size=2,
+                             seq_len=32),
+    "t5_tiny": Workload("t5_tiny", "t5_tiny.gin", "encdec", batch_size=2, seq_len=16,
+                        inputs_len=32),
+}
+
+
+def get_workload(name: str, *, batch_size: int | None = None, seq_len: int | None = None,
+                 inputs_len: int | None = None) -> Workload:
+    """The named workload with optional shape overrides."""
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; known: {sorted(WORKLOADS)}")
+    w = WORKLOADS[name]
+    return dataclasses.replace(w, batch_size=batch_size or w.batch_size, seq_len=seq_len or w.seq_len,
+                               inputs_len=inputs_len or w.inputs_len)
+
+
+def load_model(workload: Workload, bindings: list[str] | tuple[str, ...] = ()) -> Any:
+    """Parses the workload's gin preset (clearing earlier gin state) and returns `%MODEL`."""
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([os.path.join(GIN_DIR, "models", workload.preset)],
+                                        list(bindings))
+    return gin.query_parameter("%MODEL").scoped_configurable_fn()
+
+
+def synthetic_batch(workload: Workload, vocab_size: int, seed: int = 0) -> dict[str, Any]:
+    """One batch of uniformly random tokens (numpy, seqio model-feature names), no padding."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b, t = workload.batch_size, workload.seq_len
+    toks = rng.integers(2, vocab_size, size=(b, t + 1), dtype=np.int32)
+    batch = {"decoder_input_tokens": toks[:, :-1], "decoder_target_tokens": toks[:, 1:],
+             "decoder_segment_ids": np.ones((b, t), np.int32),
+             "decoder_positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+             "decoder_loss_weights": np.ones((b, t), np.float32)}
+    if workload.kind == "encdec":
+        s = workload.inputs_len
+        batch["encoder_input_tokens"] = rng.integers(2, vocab_size, size=(b, s), dtype=np.int32)
+        batch["encoder_segment_ids"] = np.ones((b, s), np.int32)
+        batch["encoder_positions"] = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy()
+    return batch
+
+
+def flops_per_example(model: Any, workload: Workload) -> float:
+    """Training FLOPs of one example (PaLM appendix B via the model's own counter)."""
+    if workload.kind == "encdec":
+        per_token = model.flops_per_token(workload.seq_len, inputs_length=workload.inputs_len)
+    else:
+        per_token = model.flops_per_token(workload.seq_len)
+    return per_token * workload.seq_len
+
+
+def tokens_per_example(workload: Workload) -> int:
+    """Tokens one example carries through the model (encoder inputs + decoder targets)."""
+    return workload.seq_len + workload.inputs_len
