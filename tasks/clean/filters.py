@@ -15,7 +15,7 @@ from zhchat.tasks.clean import minhash
 
 _CJK_CHAR = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 _FINAL = "。！？…”’」』）)!?.;；~～"
-_SENTENCE_END = re.compile(r"[。！？!?…]+[”’」』）)]*|\n")
+_SENTENCE_END = re.compile(r"[。！？!?…]+[”’」』）)]*")
 
 
 class Filter:

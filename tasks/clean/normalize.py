@@ -26,6 +26,7 @@ _CJK = (r"\u2e80-\u2fdf\u3001-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e0
 _CJK_GAP = re.compile(rf"(?<=[{_CJK}])[ \t\u3000\u00a0]+(?=[{_CJK}])")
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
+_LINE_EDGES = re.compile(r" *\n *")
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,6 +43,19 @@ def _fold_table() -> dict[int, str]:
         if folded != ch:
             table[cp] = folded
     return table
+
+
+@functools.lru_cache(maxsize=1)
+def _fold_list() -> list:
+    """The fold table as a list indexed by code point (str.translate is ~5x faster with a list)."""
+    table = list(range(0x30000))  # covers every foldable code point (the last are U+2F800..2FA1D)
+    for cp, folded in _fold_table().items():
+        table[cp] = folded
+    return table
+
+
+def _fold(text: str) -> str:
+    return text.translate(_fold_list())  # code points past the list raise LookupError: unchanged
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,12 +94,12 @@ class Normalizer:
         if self.strip_control:
             text = _CONTROL.sub("", _ANSI.sub("", text))
         if self.nfkc:
-            text = unicodedata.normalize("NFC", text.translate(_fold_table()))
+            text = unicodedata.normalize("NFC", _fold(text))
         if self.traditional_to_simplified:
             text = _t2s().convert(text)
         for pattern, repl in self._fixes:
             text = pattern.sub(repl, text)
         if self.join_cjk_spaces:
             text = _CJK_GAP.sub("", text)
-        lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
-        return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+        text = _LINE_EDGES.sub("\n", _SPACES.sub(" ", text))
+        return _BLANK_LINES.sub("\n\n", text).strip()

@@ -19,6 +19,7 @@ from typing import Sequence
 import apache_beam as beam
 import gin
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -38,21 +39,25 @@ def doc_key(source: str, doc_id: str) -> int:
 class ReadFile(beam.DoFn):
     """(rank, source, path) -> documents; every skip is counted by reason."""
 
-    def __init__(self, max_line_bytes: int):
-        self.max_line_bytes = max_line_bytes
+    def __init__(self, max_doc_chars: int):
+        self.max_doc_chars = max_doc_chars
         self.counters = stats.Counters()
 
     def process(self, item):
         rank, src, path = item
         progress = stats.Progress(f"read {os.path.basename(path)}")
 
+        logged: dict[str, int] = {}
+
         def count(reason, chars):
             self.counters.skip(src.name, reason, chars)
-            logging.warning("skipped (%s) in %s: %s", src.name, os.path.basename(path), reason)
+            logged[reason] = logged.get(reason, 0) + 1
+            if logged[reason] <= 3:  # the report has the totals; the log shows the first few
+                logging.warning("skipped (%s) in %s: %s", src.name, os.path.basename(path), reason)
 
         for doc_id, text in iter_documents(files=[path], format=src.format,
                                            text_field=src.text_field, id_field=src.id_field,
-                                           counter=count, max_line_bytes=self.max_line_bytes):
+                                           counter=count, max_doc_chars=self.max_doc_chars):
             self.counters.stage("read", src.name, None, text)
             progress.tick()
             yield doc_key(src.name, doc_id), src.name, rank, doc_id, text
@@ -99,7 +104,9 @@ class WriteShard(beam.DoFn):
     def process(self, item):
         shard, grouped = item
         drops = {k: reason for _, k, reason in grouped["drops"]}
-        line_drops = {k: set(idx) for _, k, idx in grouped["lines"]}
+        line_drops: dict[int, set] = {}
+        for _, k, idx in grouped["lines"]:  # one entry per line-index shard that hit the doc
+            line_drops.setdefault(k, set()).update(idx)
         kept = []
         for key, source, rank, doc_id, text in grouped["docs"]:
             reason = drops.get(key)
@@ -129,8 +136,8 @@ class WriteShard(beam.DoFn):
             for _, doc_id, source, text in kept:
                 gz.write(json.dumps({"id": doc_id, "source": source, "text": text},
                                     ensure_ascii=False).encode("utf-8") + b"\n")
-        with FileSystems.create(path) as f:
-            f.write(buf.getvalue())
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(buf.getvalue())  # already gzip (fixed header); AUTO would compress it twice
         yield name, len(kept)
 
 
@@ -143,7 +150,7 @@ def _write_json(obj, path: str) -> None:
 def clean_corpus(*, sources: Sequence[Source], output_dir: str, root: str = ".",
                  num_shards: int = 8, prefix: str = "cleaned", normalizer: Normalizer | None = None,
                  filters: Sequence[Filter] = (), dedup_config: dedup.DedupConfig | None = None,
-                 max_line_bytes: int = 32 << 20, min_chars_after_line_dedup: int = 20,
+                 max_doc_chars: int = 16 << 20, min_chars_after_line_dedup: int = 20,
                  beam_args: Sequence[str] = FASTEST_LOCAL) -> dict:
     """Runs the whole pipeline; returns the report dict (also written as report.json / report.md)."""
     if not sources:
@@ -164,7 +171,7 @@ def clean_corpus(*, sources: Sequence[Source], output_dir: str, root: str = ".",
     pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
     docs = (pipeline
             | "Files" >> beam.Create(files)
-            | "Read" >> beam.ParDo(ReadFile(max_line_bytes))
+            | "Read" >> beam.ParDo(ReadFile(max_doc_chars))
             | "Spread" >> beam.Reshuffle()
             | "Clean" >> beam.ParDo(CleanDoc(normalizer, filters)))
     shards_n, out_n = cfg.index_shards, num_shards
