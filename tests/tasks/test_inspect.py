@@ -33,6 +33,10 @@ def test_mixture_proportions(tmp_path, spm_models, capsys):
     assert set(shares) == {"mix_a", "mix_b"} and sum(shares.values()) == pytest.approx(1.0)
     assert 0.65 < shares["mix_a"] < 0.85
     assert "realized task proportions: mix_a=" in capsys.readouterr().out
+    meta = cache.export_cache(task="mix_ab", split="train", output_dir=str(tmp_path / "cache"),
+                              feature_lengths={"targets": 16}, max_examples=20, progress=False)
+    assert meta["task"] == "mix_ab" and meta["num_examples"] == 20
+    assert meta["vocabulary"]["targets"]["vocab_path"] == spm_models["unigram"]
 
 
 def test_cli_on_cache(demo_task, tmp_path, capsys):
