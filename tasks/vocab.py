@@ -125,6 +125,7 @@ def train_tokenizer(*, files: str | Sequence[str], format: str, model_prefix: st
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:
         f.writelines(s + "\n" for s in sample)
         sample_file = f.name
+    spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
             input=sample_file, model_prefix=model_prefix, vocab_size=vocab_size,
@@ -134,9 +135,9 @@ def train_tokenizer(*, files: str | Sequence[str], format: str, model_prefix: st
             pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=add_dummy_prefix, allow_whitespace_only_pieces=True,
-            input_sentence_size=input_sentence_size, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
-            max_sentence_length=4 * max_sentence_chars + 16, num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=0 if verbose else 1)
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            max_sentence_length=4 * max_sentence_chars + 16,  # bytes: a CJK char is 3
+            num_threads=num_threads or os.cpu_count() or 1, minloglevel=0 if verbose else 1)
     except RuntimeError as e:
         msg = str(e)
         if "Vocabulary size too high" in msg or "Vocabulary size is smaller than" in msg:
