@@ -69,7 +69,7 @@ class DecoderOnlyModel(BaseModel):
     def abstract_params(self, batch_shapes: Mapping[str, tuple] | None = None) -> Params:
         """Parameter ShapeDtypeStructs (boxed) via jax.eval_shape: nothing is allocated."""
         shapes = batch_shapes or {"decoder_input_tokens": (1, 1)}
-        return jax.eval_shape(self.init_params, jax.random.PRNGKey(0), shapes)
+        return jax.eval_shape(lambda rng: self.init_params(rng, shapes), jax.random.PRNGKey(0))
 
     def num_params(self) -> int:
         return flops.count_params(self.config)
