@@ -215,3 +215,24 @@ def repeated_lines(item, removed: np.ndarray, out_shards: int):
     dup = dup[np.lexsort((dup["idx"], dup["key"]))]
     for key, sel in _split(dup["key"]):
         yield int(key) % out_shards, ("lines", int(key), dup["idx"][sel].tolist())
+
+
+class FindDuplicates(beam.PTransform):
+    """Docs -> (index outputs, verified pairs): the Sketch / Buckets / Verify steps above."""
+
+    def __init__(self, cfg: DedupConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, docs):
+        cfg, n = self.cfg, self.cfg.index_shards
+        idx = (docs | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=512)
+               | "Sketch" >> beam.ParDo(Sketch(cfg)).with_outputs("bands", "sigs", "lines"))
+        pairs = (idx.bands | "GroupBuckets" >> beam.GroupByKey()
+                 | "Candidates" >> beam.FlatMap(candidate_pairs, n))
+        half = ({"sigs": idx.sigs, "pairs": pairs} | "JoinA" >> beam.CoGroupByKey()
+                | "AttachA" >> beam.FlatMap(attach_first, n))
+        verified = ({"sigs": idx.sigs, "half": half} | "JoinB" >> beam.CoGroupByKey()
+                    | "Verify" >> beam.FlatMap(verify_pairs, cfg.threshold))
+        return idx, verified
+

@@ -174,15 +174,8 @@ def clean_corpus(*, sources: Sequence[Source], output_dir: str, root: str = ".",
             | "Read" >> beam.ParDo(ReadFile(max_doc_chars))
             | "Spread" >> beam.Reshuffle()
             | "Clean" >> beam.ParDo(CleanDoc(normalizer, filters)))
-    shards_n, out_n = cfg.index_shards, num_shards
-    idx = (docs | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=512)
-           | "Sketch" >> beam.ParDo(dedup.Sketch(cfg)).with_outputs("bands", "sigs", "lines"))
-    pairs = (idx.bands | "GroupBuckets" >> beam.GroupByKey()
-             | "Candidates" >> beam.FlatMap(dedup.candidate_pairs, shards_n))
-    half = ({"sigs": idx.sigs, "pairs": pairs} | "JoinA" >> beam.CoGroupByKey()
-            | "AttachA" >> beam.FlatMap(dedup.attach_first, shards_n))
-    verified = ({"sigs": idx.sigs, "half": half} | "JoinB" >> beam.CoGroupByKey()
-                | "Verify" >> beam.FlatMap(dedup.verify_pairs, cfg.threshold))
+    out_n = num_shards
+    idx, verified = docs | "FindDuplicates" >> dedup.FindDuplicates(cfg)
     comps = (verified | "AllPairs" >> beam.combiners.ToList()
              | "Components" >> beam.Map(dedup.components, cfg.examples))
     _ = comps | "WriteClusters" >> beam.Map(lambda c: _write_json(c["summary"], clusters_path))

@@ -1,0 +1,180 @@
+"""Near-dedup benchmark: our Beam MinHash/LSH stages vs datasketch.MinHashLSH on all raw corpora.
+
+Both see the same documents (the raw readers' output, no cleaning), the same character n-gram
+shingles, number of permutations and Jaccard threshold. Each system runs in its own process so peak
+memory (ru_maxrss, ours including the Beam worker processes) is its own.
+  ours:        DirectRunner, 2 worker processes; timed from pipeline start (file reading, worker
+               start-up and the verified pairs included) to the last pair.
+  datasketch:  MinHash.update_batch per document + MinHashLSH insert + query of every document,
+               timed after the documents are in memory; candidates kept when MinHash.jaccard >= t.
+Recall = share of datasketch's verified pairs whose two documents fall in one of our clusters.
+
+  python -m zhchat.benchmarks.dedup [--out out/bench/dedup.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+RAW = [("niutrans", "niutrans_modern.jsonl.gz", "jsonl"), ("shu_books", "shu_books.jsonl.gz", "jsonl"),
+       ("peoples_daily", "peoples_daily_199801_tagged.txt.gz", "pku_tagged"),
+       ("peoples_daily_seg", "peoples_daily_199801_seg.txt.gz", "pku_seg"),
+       ("reviews_pos", "reviews_pos.txt", "txt_lines"), ("reviews_neg", "reviews_neg.txt", "txt_lines")]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAW_DIR = os.path.join(REPO, "..", "shared", "data", "raw")
+
+
+def _peak_mb(children: bool) -> float:
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if children else 0
+    return (self_kb + child_kb) / 1024
+
+
+def _load_docs() -> list[tuple[str, str]]:
+    from zhchat.tasks.clean.readers import iter_documents
+    docs = []
+    for name, path, fmt in RAW:
+        for doc_id, text in iter_documents(files=[os.path.join(RAW_DIR, path)], format=fmt):
+            docs.append((f"{name}:{doc_id}", text))
+    return docs
+
+
+def run_ours(args) -> dict:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from zhchat.tasks.clean import dedup, pipeline
+    from zhchat.tasks.clean.readers import Source
+
+    cfg = dedup.DedupConfig(threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram,
+                            line_min_chars=0)
+    files = [(rank, Source(name=name, files=[path], format=fmt), os.path.join(RAW_DIR, path))
+             for rank, (name, path, fmt) in enumerate(RAW)]
+    out_path = args.pairs_file
+    start = time.time()
+    p = beam.Pipeline(options=PipelineOptions(list(pipeline.FASTEST_LOCAL)))
+    docs = (p | beam.Create(files) | beam.ParDo(pipeline.ReadFile(16 << 20))
+            | beam.Reshuffle())
+    _, verified = docs | dedup.FindDuplicates(cfg)
+    counted = docs | "Count" >> beam.combiners.Count.Globally()
+
+    def write(pairs, n):
+        with open(out_path, "w", encoding="utf-8") as f:
+            json.dump({"docs": n, "pairs": sorted(
+                [f"{ma[0]}:{ma[2]}", f"{mb[0]}:{mb[2]}"] for _, _, _, ma, mb in pairs)}, f)
+
+    _ = (verified | beam.combiners.ToList()
+         | beam.Map(write, beam.pvalue.AsSingleton(counted)))
+    p.run().wait_until_finish()
+    seconds = time.time() - start
+    with open(out_path, encoding="utf-8") as f:
+        n_docs = json.load(f)["docs"]
+    return {"seconds": seconds, "docs": n_docs, "peak_mb": _peak_mb(children=True),
+            "bands_rows": list(cfg.band_params())}
+
+
+def run_datasketch(args) -> dict:
+    import numpy as np
+    from datasketch import MinHash, MinHashLSH
+
+    docs = _load_docs()
+    n = args.ngram
+    start = time.time()
+    lsh = MinHashLSH(threshold=args.threshold, num_perm=args.num_perm)
+    sketches = []
+    for i, (doc_id, text) in enumerate(docs):
+        m = MinHash(num_perm=args.num_perm, seed=1)
+        grams = [text[j:j + n] for j in range(max(1, len(text) - n + 1))]
+        for k in range(0, len(grams), 200_000):  # bounded [chunk, num_perm] temporaries
+            m.update_batch([g.encode("utf-8") for g in grams[k:k + 200_000]])
+        lsh.insert(i, m)
+        sketches.append(m)
+    pairs = set()
+    for i, m in enumerate(sketches):
+        for j in lsh.query(m):
+            if j != i and m.jaccard(sketches[j]) >= args.threshold:
+                pairs.add((min(i, j), max(i, j)))
+    seconds = time.time() - start
+    with open(args.pairs_file, "w", encoding="utf-8") as f:
+        json.dump({"docs": len(docs), "pairs": sorted([docs[a][0], docs[b][0]] for a, b in pairs)},
+                  f)
+    return {"seconds": seconds, "docs": len(docs), "peak_mb": _peak_mb(children=False),
+            "bands_rows": [lsh.b, lsh.r], "np": np.__version__}
+
+
+def _components(pairs) -> dict:
+    parent: dict = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        parent[find(a)] = find(b)
+    return {x: find(x) for x in parent}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--system", choices=["both", "ours", "datasketch"], default="both")
+    ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--num_perm", type=int, default=128)
+    ap.add_argument("--ngram", type=int, default=5)
+    ap.add_argument("--pairs_file", default="")
+    ap.add_argument("--compare_only", action="store_true",
+                    help="recompute the summary from the stats/pairs files of an earlier run")
+    ap.add_argument("--out", default=os.path.join(REPO, "out", "bench", "dedup.json"))
+    args = ap.parse_args(argv)
+    if args.system != "both":
+        res = (run_ours if args.system == "ours" else run_datasketch)(args)
+        print(json.dumps(res))
+        return res
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    results = {}
+    for system in ("ours", "datasketch"):  # one after the other: each has the machine to itself
+        pairs_file = os.path.join(os.path.dirname(args.out), f"pairs_{system}.json")
+        stats_file = os.path.join(os.path.dirname(args.out), f"stats_{system}.json")
+        if not args.compare_only:
+            cmd = [sys.executable, "-m", "zhchat.benchmarks.dedup", "--system", system,
+                   "--threshold", str(args.threshold), "--num_perm", str(args.num_perm),
+                   "--ngram", str(args.ngram), "--pairs_file", pairs_file]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            with open(stats_file, "w", encoding="utf-8") as f:
+                f.write(proc.stdout.strip().splitlines()[-1])
+        with open(stats_file, encoding="utf-8") as f:
+            results[system] = json.load(f)
+        with open(pairs_file, encoding="utf-8") as f:
+            results[system]["pairs"] = [tuple(p) for p in json.load(f)["pairs"]]
+    ours, ds = results["ours"], results["datasketch"]
+    comp = _components(ours["pairs"])
+    found = sum(1 for a, b in ds["pairs"] if a in comp and comp.get(a) == comp.get(b))
+    ds_comp = _components(ds["pairs"])
+    agreed = sum(1 for a, b in ours["pairs"] if a in ds_comp and ds_comp.get(a) == ds_comp.get(b))
+    summary = {
+        "date": time.strftime("%Y-%m-%d"), "device": f"CPU, {os.cpu_count()} cores",
+        "docs": ours["docs"], "threshold": args.threshold, "num_perm": args.num_perm,
+        "ngram": args.ngram,
+        "ours": {k: v for k, v in ours.items() if k != "pairs"} | {"pairs": len(ours["pairs"])},
+        "datasketch": {k: v for k, v in ds.items() if k != "pairs"} | {"pairs": len(ds["pairs"])},
+        "docs_per_s": {"ours": ours["docs"] / ours["seconds"], "datasketch": ds["docs"] / ds["seconds"]},
+        "speedup": ds["seconds"] / ours["seconds"],
+        "recall_vs_datasketch": found / max(1, len(ds["pairs"])),
+        "our_pairs_in_datasketch_clusters": agreed / max(1, len(ours["pairs"])),
+    }
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
