@@ -125,6 +125,9 @@ def train_tokenizer(*, files: str | Sequence[str], format: str, model_prefix: st
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:
         f.writelines(s + "\n" for s in sample)
         sample_file = f.name
+    if progress:
+        print(f"training {model_type} SentencePiece (vocab {vocab_size}) on {len(sample)} of "
+              f"{n_sentences} sentences from {n_docs} documents", file=sys.stderr)
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
