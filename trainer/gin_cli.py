@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import gin
 
@@ -84,3 +84,15 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
         msg = lines[0] if lines else type(e).__name__
         detail = " ".join(x for x in (where, f"`{binding}`" if binding else "") if x)
         raise GinConfigError(f"gin config error: {msg}" + (f" ({detail})" if detail else "")) from e
+
+
+def evaluate_macro(name: str) -> Any:
+    """The value of gin macro `name` after parsing, calling it if it is a `@configurable()`
+    (e.g. `evaluate_macro("MODEL")` builds the model a preset describes)."""
+    try:
+        value = gin.query_parameter(f"%{name}")
+    except ValueError as e:
+        raise GinConfigError(f"gin config error: macro {name} is not defined") from e
+    if isinstance(value, gin.config.ConfigurableReference):
+        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+    return value

@@ -9,6 +9,7 @@ Pretraining, SFT and RL stages call it from Python too; it returns a small summa
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -85,6 +86,47 @@ def init_shardings(model: Any, tx: Any, partitioner: partitioning.Partitioner,
     opt_sh = partitioner.derived_shardings(abstract_state.opt_state, nn.unbox(boxed), params_sh)
     state_sh = ts.TrainState(step=partitioner.replicated, params=params_sh, opt_state=opt_sh, tx=tx)
     return boxed, state_sh, init_fn
+
+
+_JIT_CACHE: dict[Any, Any] = {}
+
+
+def jitted_steps(loss_fn: Callable, microbatches: int, state_sh: Any,
+                 partitioner: partitioning.Partitioner) -> tuple[Callable, Callable]:
+    """(train step, eval step) jitted with explicit shardings and a donated state. Cached on
+    (loss_fn, microbatches, shardings, optimizer) so repeated `train` calls in one process (tests,
+    SFT/RL stages) reuse the compiled executables."""
+    leaves, treedef = jax.tree.flatten(state_sh)
+    key = (loss_fn, microbatches, treedef, tuple(leaves), partitioner.rules)
+    if key not in _JIT_CACHE:
+        batch_sh, rep = partitioner.batch_sharding, partitioner.replicated
+        constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=batch_sh)
+        step = jax.jit(
+            functools.partial(_train_step, loss_fn=loss_fn, microbatches=microbatches,
+                              constrain=constrain),
+            in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+            donate_argnums=(0,))
+        evaluate = jax.jit(functools.partial(ts.eval_step, loss_fn=loss_fn),
+                           in_shardings=(state_sh.params, batch_sh), out_shardings=rep)
+        if len(_JIT_CACHE) > 8:
+            _JIT_CACHE.clear()
+        _JIT_CACHE[key] = (step, evaluate)
+    return _JIT_CACHE[key]
+
+
+def jitted_init(init_fn: Callable, state_sh: Any, key: Any) -> Callable:
+    """`init_fn` jitted to produce the state directly sharded (never whole on one device); cached
+    on (`key`, shardings) like `jitted_steps`."""
+    leaves, treedef = jax.tree.flatten(state_sh)
+    full_key = ("init", key, treedef, tuple(leaves))
+    if full_key not in _JIT_CACHE:
+        _JIT_CACHE[full_key] = jax.jit(init_fn, out_shardings=state_sh)
+    return _JIT_CACHE[full_key]
+
+
+def _train_step(state, batch, rng, *, loss_fn, microbatches, constrain):
+    return ts.train_step(state, batch, loss_fn=loss_fn, rng=rng, microbatches=microbatches,
+                         constrain=constrain)
 
 
 def describe(model: Any, partitioner: partitioning.Partitioner, boxed: Any, seq_len: int) -> str:
@@ -165,20 +207,10 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
             if data_state is not None and hasattr(data_it, "set_state"):
                 data_it.set_state(data_state)
         else:
-            state = jax.jit(init_fn, out_shardings=state_sh)(init_rng)
+            state = jitted_init(init_fn, state_sh, (model, tuple(sorted(shapes.items()))))(init_rng)
         start = int(jax.device_get(state.step))
 
-        loss_fn = model.loss_fn
-        constrain = lambda b: jax.lax.with_sharding_constraint(  # noqa: E731
-            b, partitioner.batch_sharding)
-        step_fn = jax.jit(
-            lambda s, b, r: ts.train_step(s, b, loss_fn=loss_fn, rng=r,
-                                          microbatches=microbatches, constrain=constrain),
-            in_shardings=(state_sh, partitioner.batch_sharding, partitioner.replicated),
-            out_shardings=(state_sh, partitioner.replicated), donate_argnums=(0,))
-        eval_fn = jax.jit(lambda p, b: ts.eval_step(p, b, loss_fn=loss_fn),
-                          in_shardings=(state_sh.params, partitioner.batch_sharding),
-                          out_shardings=partitioner.replicated)
+        step_fn, eval_fn = jitted_steps(model.loss_fn, microbatches, state_sh, partitioner)
 
         writer = metrics_lib.MetricsWriter(run_dir, total_steps=num_steps, initial_step=start,
                                            progress_bar=progress_bar)

@@ -76,7 +76,8 @@ def grads_and_metrics(loss_fn: Callable, params: Any, batch: Mapping[str, jnp.nd
 
     def body(acc, xs):
         mb, count, i = xs
-        (_, metrics), grads = grad_fn(params, constrain(mb), jax.random.fold_in(rng, i))
+        mb_rng = None if rng is None else jax.random.fold_in(rng, i)
+        (_, metrics), grads = grad_fn(params, constrain(mb), mb_rng)
         w = count / total
         acc = jax.tree.map(lambda a, g: a + jnp.where(count > 0, g.astype(jnp.float32) * w, 0.0),
                            acc, grads)
@@ -95,9 +96,9 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *, loss_fn: 
     grads, metrics = grads_and_metrics(loss_fn, state.params, batch, step_rng, microbatches,
                                        constrain)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.apply_gradients(grads)
-    metrics["param_norm"] = optax.global_norm(new_state.params)
+    metrics["param_norm"] = optax.tree.norm(new_state.params)
     return new_state, metrics
 
 
