@@ -22,6 +22,9 @@ CONFIGURABLE_MODULES = (
 )
 
 
+_ADDED_SEARCH_PATHS: set[str] = set()
+
+
 class GinConfigError(ValueError):
     """A gin file or binding is wrong (unknown configurable/parameter, syntax, missing file)."""
 
@@ -60,7 +63,7 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
         elif arg.startswith("--gin."):
             key_value = arg[len("--gin."):]
             if "=" not in key_value:
-                raise GinConfigError(f"gin binding {arg!r}: expected --gin.KEY=VALUE")
+                raise GinConfigError(f"gin config error: binding {arg!r}: expected --gin.KEY=VALUE")
             bindings.append(key_value)
         elif arg.startswith("--gin_bindings="):
             bindings.append(arg.split("=", 1)[1])
@@ -70,13 +73,26 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
     return files, bindings, rest
 
 
+def resolve_gin_file(name: str) -> str:
+    """The first existing `name` under the search paths (absolute names are taken as they are)."""
+    for folder in [""] + gin_search_paths():
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise GinConfigError(f"gin config error: gin file {name!r} not found (looked in the cwd and "
+                         "the installed zhchat/gin_configs folder and its parent)")
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     """Parses gin files then bindings (later wins), raising `GinConfigError` with a short message."""
     import_configurables()
-    for path in gin_search_paths():
-        gin.add_config_file_search_path(path)
+    for path in dict.fromkeys(gin_search_paths()):
+        if path not in _ADDED_SEARCH_PATHS:
+            gin.add_config_file_search_path(path)
+            _ADDED_SEARCH_PATHS.add(path)
+    resolved = [resolve_gin_file(f) for f in files]
     try:
-        gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
     except (ValueError, OSError, SyntaxError, TypeError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         where = next((ln for ln in lines[1:] if ln.startswith("In ")), "")

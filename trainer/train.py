@@ -29,6 +29,10 @@ from zhchat.trainer import optimizers
 from zhchat.trainer import partitioning
 from zhchat.trainer import train_state as ts
 
+if __name__ == "__main__":  # `python -m`: run the importable module so gin registers `train` once
+    from zhchat.trainer.train import console_main
+    console_main()
+
 
 def make_iterator(source: Any, *, batch_size: int, seed: int) -> Iterator:
     """An iterator of this process's batches: `source` is an iterator, an iterable, or a factory
@@ -346,6 +350,3 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> None:
     sys.exit(main())
 
-
-if __name__ == "__main__":
-    console_main()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def tiny_decoder(vocab_size: int = 256):

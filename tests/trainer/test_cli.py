@@ -1,0 +1,63 @@
+"""The T5X-style CLI: gin typos stop with exit code 2 naming the binding; --dry_run of the 65B preset."""
+
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from conftest import REPO_ROOT
+from zhchat.trainer import gin_cli, train
+
+TINY = "--gin_file=gin_configs/models/decoder_tiny.gin"
+PRETRAIN = "--gin_file=gin_configs/runs/pretrain.gin"
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def test_gin_typo_exits_2_naming_the_binding():
+    proc = subprocess.run(
+        [sys.executable, "-m", "zhchat.trainer.train", TINY, PRETRAIN, "--gin.train.num_stepz=3"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("gin config error:") and "num_stepz" in last and "train" in last
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--gin.trian.num_steps=3"], "No configurable matching 'trian'"),
+    (["--gin.make_optimizer.nmae='adamw'"], "nmae"),
+    (["--gin_file=runs/no_such_run.gin"], "no_such_run.gin"),
+    (["--gin.train.num_steps"], "--gin.KEY=VALUE"),
+])
+def test_config_errors_in_process(args, needle, capsys, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    assert train.main([TINY, PRETRAIN] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("gin config error:") and needle in err
+
+
+def test_gin_files_resolve_from_the_installed_folder(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # neither path exists relative to this cwd
+    gin_cli.parse_gin(["models/decoder_tiny.gin", "gin_configs/runs/pretrain.gin"], [])
+    assert gin.query_parameter("%BATCH_SIZE") == 64
+    assert gin_cli.evaluate_macro("MODEL").config.emb_dim == 64
+
+
+def test_dry_run_65b_counts_params_without_allocating(capsys, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    assert train.main(["--gin_file=gin_configs/models/decoder_65b.gin", PRETRAIN,
+                       "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    count = int(first.split()[1].replace(",", ""))
+    assert 65.1e9 < count < 65.4e9, first
+    assert "mesh: {'data': 8, 'fsdp': 1, 'tensor': 1}" in out
+    assert "flops per token" in out
+    assert "layers/mlp/wi_0/kernel" in out and "'fsdp', 'tensor'" in out
