@@ -100,3 +100,25 @@ def test_perplexity_hook_with_fitted_unigram_lm():
     assert f(fluent) == fluent and f(noise) is None
     with pytest.raises(ValueError, match="exactly one"):
         F.PerplexityFilter(max_perplexity=3.0)
+
+
+def test_checkpoint_score_fn_windows_and_shifts():
+    """The score_batch adapter: windows of seq_len, inputs = BOS + targets shifted, weights on tokens."""
+    seen = []
+
+    class FakeModel:  # the models/base_model.BaseModel.score_batch contract: [batch] summed log-prob
+        def score_batch(self, params, batch):
+            seen.append({k: v.copy() for k, v in batch.items()})
+            return -batch["decoder_loss_weights"].sum(axis=1) * math.log(params["vocab"])
+
+    score = F.checkpoint_score_fn(model=FakeModel(), params={"vocab": 50},
+                                  encode=lambda t: list(range(3, 3 + len(t))), seq_len=4)
+    text = "一丁七万丈三上下不与"  # 10 characters -> ids 3..12, windows of 4, 4, 2
+    (total,) = score([text])
+    assert total == pytest.approx(-10 * math.log(50))
+    assert [int(b["decoder_loss_weights"].sum()) for b in seen] == [4, 4, 2]
+    assert seen[0]["decoder_target_tokens"].tolist() == [[3, 4, 5, 6]]
+    assert seen[0]["decoder_input_tokens"].tolist() == [[1, 3, 4, 5]]
+    assert seen[2]["decoder_input_tokens"].tolist() == [[1, 11, 0, 0]]
+    f = F.PerplexityFilter(score_fn=score, max_perplexity=60)
+    assert f.perplexity(text) == pytest.approx(50) and f(text) == text
