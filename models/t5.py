@@ -1,0 +1,219 @@
+"""T5 v1.1 encoder-decoder in flax.linen.
+
+Pre-RMSNorm blocks with residual dropout, relative position biases shared by the layers of a stack
+(bidirectional buckets in the encoder, causal in the decoder; none in cross-attention), gated-GELU MLPs,
+no biases anywhere, one token embedding shared by encoder and decoder inputs and an untied output layer.
+Packed examples are kept apart by segment ids on both sides: encoder self-attention, decoder
+self-attention (causal) and cross-attention only see tokens of the same segment. Parameters are fp32;
+compute runs in `dtype` (bf16 on accelerators). Dropout is active only with `enable_dropout=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from zhchat.models import layers, t5_layers
+
+Array = jax.Array
+_ACT = ("activation_batch", "activation_length", "activation_embed")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class T5Config:
+    """Sizes and numerics of a T5 v1.1 model (gin presets in gin_configs/models/t5_*.gin)."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    num_heads: int = 6
+    head_dim: int = 64
+    d_ff: int = 1024
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    relpos_buckets: int = 32
+    relpos_max_distance: int = 128
+    dropout_rate: float = 0.0
+    dtype: Any = "bfloat16"
+    param_dtype: Any = "float32"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        for field in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
+                      "num_decoder_layers", "relpos_buckets", "relpos_max_distance"):
+            if int(getattr(self, field)) < 1:
+                raise ValueError(f"T5Config.{field}={getattr(self, field)!r} must be positive")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"T5Config.dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        for field in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, field))
+            except TypeError as e:
+                raise ValueError(f"T5Config.{field}={getattr(self, field)!r} is not a dtype") from e
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
+def _make(module, cfg: T5Config, **kwargs):
+    return module(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, **kwargs)
+
+
+class EncoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x, *, mask, bias, deterministic):
+        cfg = self.config
+        h = _make(layers.RMSNorm, cfg, name="pre_attention_norm")(x)
+        h = _make(t5_layers.T5Attention, cfg, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                  attention_impl=cfg.attention_impl, name="attention")(h, None, mask=mask, bias=bias)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = _make(layers.RMSNorm, cfg, name="pre_mlp_norm")(x)
+        h = _make(t5_layers.GatedGeluMlp, cfg, d_ff=cfg.d_ff, dropout_rate=cfg.dropout_rate,
+                  name="mlp")(h, deterministic=deterministic)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return nn.with_logical_constraint(x, _ACT)
+
+
+class DecoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x, encoded, *, self_mask, self_bias, cross_mask, deterministic, decode,
+                 decode_index, max_decode_length):
+        cfg = self.config
+        attn = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, attention_impl=cfg.attention_impl)
+        h = _make(layers.RMSNorm, cfg, name="pre_self_attention_norm")(x)
+        h = _make(t5_layers.T5Attention, cfg, name="self_attention", **attn)(
+            h, None, mask=self_mask, bias=self_bias, decode=decode, decode_index=decode_index,
+            max_decode_length=max_decode_length)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = _make(layers.RMSNorm, cfg, name="pre_cross_attention_norm")(x)
+        h = _make(t5_layers.T5Attention, cfg, cross=True, name="encoder_decoder_attention", **attn)(
+            h, encoded, mask=cross_mask, decode=decode)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = _make(layers.RMSNorm, cfg, name="pre_mlp_norm")(x)
+        h = _make(t5_layers.GatedGeluMlp, cfg, d_ff=cfg.d_ff, dropout_rate=cfg.dropout_rate,
+                  name="mlp")(h, deterministic=deterministic)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return nn.with_logical_constraint(x, _ACT)
+
+
+def _segments(tokens: Array, segment_ids: Array | None) -> Array:
+    """Segment ids, or (unpacked batches) 1 on every non-padding token."""
+    return (tokens > 0).astype(jnp.int32) if segment_ids is None else segment_ids
+
+
+class DecodePosition(nn.Module):
+    """The decode cache's write position: returns (cache existed, position) and advances it."""
+
+    @nn.compact
+    def __call__(self):
+        initialised = self.has_variable("cache", "position")
+        position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+        index = position.value
+        if initialised:
+            position.value = index + 1
+        return initialised, index
+
+
+class T5(nn.Module):
+    """T5 v1.1: `__call__` for training/scoring, `encode` + `decode` for generation."""
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        self.token_embedder = _make(layers.Embed, cfg, num_embeddings=cfg.vocab_size,
+                                    features=cfg.d_model)
+        relpos = dict(num_heads=cfg.num_heads, num_buckets=cfg.relpos_buckets,
+                      max_distance=cfg.relpos_max_distance)
+        self.encoder_relpos = _make(t5_layers.RelativePositionBiases, cfg, bidirectional=True, **relpos)
+        self.decoder_relpos = _make(t5_layers.RelativePositionBiases, cfg, bidirectional=False, **relpos)
+        self.encoder_layers = [EncoderLayer(cfg, name=f"encoder_{i}")
+                               for i in range(cfg.num_encoder_layers)]
+        self.decoder_layers = [DecoderLayer(cfg, name=f"decoder_{i}")
+                               for i in range(cfg.num_decoder_layers)]
+        self.encoder_norm = _make(layers.RMSNorm, cfg)
+        self.decoder_norm = _make(layers.RMSNorm, cfg)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.decode_position = DecodePosition()
+        self.logits_dense = _make(layers.DenseGeneral, cfg, features=cfg.vocab_size,
+                                  kernel_axes=("embed", "vocab"))
+
+    def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None, *,
+               enable_dropout: bool = False) -> Array:
+        """Encoder output [batch, enc_len, d_model]."""
+        deterministic = not enable_dropout
+        segments = _segments(encoder_input_tokens, encoder_segment_ids)
+        mask = layers.make_attention_mask(segments, segments)
+        positions = jnp.arange(encoder_input_tokens.shape[1])
+        bias = self.encoder_relpos(positions, positions)
+        x = self.token_embedder(encoder_input_tokens)
+        x = self.dropout(nn.with_logical_constraint(x, _ACT), deterministic=deterministic)
+        for layer in self.encoder_layers:
+            x = layer(x, mask=mask, bias=bias, deterministic=deterministic)
+        return self.dropout(self.encoder_norm(x), deterministic=deterministic)
+
+    def decode(self, encoded: Array | None, encoder_segment_ids: Array, decoder_input_tokens: Array,
+               decoder_segment_ids: Array | None = None, *, enable_dropout: bool = False,
+               decode: bool = False, max_decode_length: int | None = None) -> Array:
+        """Decoder logits [batch, dec_len, vocab] (fp32).
+
+        decode=True runs one step with the cache: the first call (no cache yet) creates the cache of
+        `max_decode_length` positions and stores the cross-attention K/V of `encoded`; every later
+        call feeds one token [batch, 1] at the cache's position and advances it (`encoded` unused).
+        """
+        deterministic = not enable_dropout
+        length = decoder_input_tokens.shape[1]
+        decode_index = None
+        if decode:
+            initialised, decode_index = self.decode_position()
+            if not max_decode_length:
+                raise ValueError("decode=True needs max_decode_length (the cache length)")
+            cache_len = max_decode_length
+            query_pos = jnp.reshape(decode_index if initialised else 0, (1,))
+            key_pos = jnp.arange(cache_len) if initialised else query_pos
+            self_bias = self.decoder_relpos(query_pos, key_pos)
+            self_mask = (key_pos <= query_pos[0])[None, None, None, :]
+            cross_mask = (encoder_segment_ids > 0)[:, None, None, :]
+        else:
+            cache_len = None
+            # Unpacked targets start with BOS = 0, so padding cannot be told from tokens: all in one
+            # segment (padded positions are causal-masked from real ones and carry no loss).
+            segments = (jnp.ones_like(decoder_input_tokens) if decoder_segment_ids is None
+                        else decoder_segment_ids)
+            self_mask = layers.make_attention_mask(segments, segments, causal=True)
+            positions = jnp.arange(length)
+            self_bias = self.decoder_relpos(positions, positions)
+            cross_mask = layers.make_attention_mask(segments, encoder_segment_ids)
+        x = self.token_embedder(decoder_input_tokens)
+        x = self.dropout(nn.with_logical_constraint(x, _ACT), deterministic=deterministic)
+        for layer in self.decoder_layers:
+            x = layer(x, encoded, self_mask=self_mask, self_bias=self_bias, cross_mask=cross_mask,
+                      deterministic=deterministic, decode=decode, decode_index=decode_index,
+                      max_decode_length=cache_len)
+        x = self.dropout(self.decoder_norm(x), deterministic=deterministic)
+        logits = self.logits_dense(x).astype(jnp.float32)
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
+                                                   "activation_vocab"))
+
+    def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+                 encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
+                 *, enable_dropout: bool = False) -> Array:
+        """Teacher-forced logits [batch, dec_len, vocab] (fp32) for a (packed) batch."""
+        enc_segments = _segments(encoder_input_tokens, encoder_segment_ids)
+        encoded = self.encode(encoder_input_tokens, enc_segments, enable_dropout=enable_dropout)
+        return self.decode(encoded, enc_segments, decoder_input_tokens, decoder_segment_ids,
+                           enable_dropout=enable_dropout)

@@ -1,0 +1,157 @@
+"""T5-specific layers: relative position buckets/biases, attention with a decode cache, gated-GELU MLP.
+
+Built on the shared layers (models/layers.py). T5 does not scale attention logits by 1/sqrt(head_dim):
+the query projection's initialisation absorbs the factor instead (as in T5X), so checkpoints convert to
+and from HF T5 unchanged. Decoding caches keys/values of the decoder self-attention (written one position
+per step) and the cross-attention keys/values of the encoder output (computed once, when the cache is
+created).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zhchat.models import layers
+
+Array = jax.Array
+DType = Any
+
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool = True,
+                             num_buckets: int = 32, max_distance: int = 128) -> Array:
+    """T5's bucket of `relative_position` = key_position - query_position (int32 array, same shape).
+
+    Half of the buckets hold exact small distances, the rest cover distances up to `max_distance`
+    logarithmically (larger distances share the last bucket). Bidirectional: keys after the query use
+    the upper half of the buckets. Causal (decoder): keys after the query all fall in bucket 0.
+    """
+    n = -jnp.asarray(relative_position, jnp.int32)
+    bucket = jnp.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+    large = max_exact + (log_ratio / np.float32(np.log(max_distance / max_exact))
+                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(n < max_exact, n, large)
+
+
+class RelativePositionBiases(nn.Module):
+    """Learned per-head bias for each relative-position bucket: [1, heads, q_len, k_len]."""
+
+    num_heads: int
+    num_buckets: int = 32
+    max_distance: int = 128
+    bidirectional: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+        table = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                                         ("heads", "relpos_buckets")),
+            (self.num_heads, self.num_buckets), self.param_dtype)
+        buckets = relative_position_bucket(
+            key_positions[None, :] - query_positions[:, None], bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets, max_distance=self.max_distance)
+        bias = jnp.take(jnp.asarray(table, self.dtype), buckets, axis=1)  # [heads, q, k]
+        return bias[None]
+
+
+def _scaled_init(scale: float):
+    base = layers.default_kernel_init
+    return lambda rng, shape, dtype: base(rng, shape, dtype) * scale
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention without logit scaling. Self-attention caches K/V in decode mode
+    (`decode_index` = the position being written); cross-attention caches the encoder's K/V once."""
+
+    num_heads: int
+    head_dim: int
+    cross: bool = False
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array, kv_inputs: Array | None, *, mask: Array | None, bias: Array | None = None,
+                 decode: bool = False, decode_index: Array | None = None,
+                 max_decode_length: int | None = None) -> Array:
+        proj = dict(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
+                    dtype=self.dtype, param_dtype=self.param_dtype)
+        query = layers.DenseGeneral(name="query", kernel_init=_scaled_init(self.head_dim ** -0.5),
+                                    **proj)(x)
+        key_layer = layers.DenseGeneral(name="key", **proj)
+        value_layer = layers.DenseGeneral(name="value", **proj)
+        if self.cross:
+            key, value = self._cross_kv(kv_inputs, key_layer, value_layer, decode)
+        else:
+            key, value = key_layer(x), value_layer(x)
+            if decode:
+                key, value = self._update_self_cache(key, value, decode_index, max_decode_length)
+        axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        query, key, value = (nn.with_logical_constraint(t, axes) for t in (query, key, value))
+        out = layers.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=1.0,
+                                           implementation=self.attention_impl)
+        return layers.DenseGeneral(features=x.shape[-1], axis=(-2, -1), kernel_axes=("heads", "kv", "embed"),
+                                   dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
+
+    def _cross_kv(self, encoded, key_layer, value_layer, decode):
+        if not decode:
+            return key_layer(encoded), value_layer(encoded)
+        if self.has_variable("cache", "cross_key"):  # later steps: read what the first call stored
+            return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+        if encoded is None:
+            raise ValueError(f"{self.name}: the first decode call must receive the encoder output")
+        key, value = key_layer(encoded), value_layer(encoded)
+        self.put_variable("cache", "cross_key", key)
+        self.put_variable("cache", "cross_value", value)
+        return key, value
+
+    def _update_self_cache(self, key, value, index, max_length):
+        batch, _, heads, head_dim = key.shape
+        initialised = self.has_variable("cache", "cached_key")
+        shape = (batch, max_length, heads, head_dim)
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
+        if not initialised:  # the cache-creating call only allocates (nothing is written)
+            return key, value
+        if key.shape[1] != 1:
+            raise ValueError(f"{self.name}: decode steps take one token at a time, got {key.shape[1]}")
+        start = (0, index, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(key.dtype), start)
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+        return cached_key.value, cached_value.value
+
+
+class GatedGeluMlp(nn.Module):
+    """T5 v1.1 feed-forward: wo(gelu(wi_0 x) * wi_1 x), with dropout on the hidden activations."""
+
+    d_ff: int
+    dropout_rate: float = 0.0
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool) -> Array:
+        dense = dict(features=self.d_ff, kernel_axes=("embed", "mlp"), dtype=self.dtype,
+                     param_dtype=self.param_dtype)
+        h = nn.gelu(layers.DenseGeneral(name="wi_0", **dense)(x), approximate=True)
+        h = h * layers.DenseGeneral(name="wi_1", **dense)(x)
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        return layers.DenseGeneral(features=x.shape[-1], kernel_axes=("mlp", "embed"), dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name="wo")(h)

@@ -1,0 +1,171 @@
+"""T5 v1.1 model: relative position buckets, preset sizes, logical axes, packing, dropout, dtypes."""
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zhchat.models import t5, t5_layers
+from zhchat.models.encdec_model import EncoderDecoderModel
+
+TINY = dict(vocab_size=256, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=2,
+            num_decoder_layers=2, dtype="float32")
+AXES = {"vocab", "embed", "mlp", "heads", "kv", "relpos_buckets"}
+
+
+def _model(**overrides):
+    return EncoderDecoderModel(config=t5.T5Config(**{**TINY, **overrides}), z_loss=0.0)
+
+
+def _params(model, seed=0):
+    shapes = {"encoder_input_tokens": (2, 12), "decoder_input_tokens": (2, 7)}
+    boxed = jax.jit(lambda rng: model.init_params(rng, shapes))(jax.random.PRNGKey(seed))
+    return boxed, nn.unbox(boxed)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(boxed, params) of the tiny config; dropout and dtype do not change parameter shapes."""
+    return _params(_model())
+
+
+def _apply(model):
+    return jax.jit(model.module.apply)
+
+
+# relative_position = key - query. Bidirectional, 32 buckets: 16 per direction, exact below 8, then
+# 8 + floor(8 * log(n / 8) / log(128 / 8)) = 8 + floor(2 * log2(n / 8)), capped at 15; keys after
+# the query add 16.
+BIDIRECTIONAL = {0: 0, -1: 1, -7: 7, -8: 8, -11: 8, -12: 9, -16: 10, -22: 10, -23: 11, -24: 11, -32: 12,
+                 -64: 14, -127: 15, -128: 15, -500: 15, 1: 17, 7: 23, 8: 24, 16: 26, 100: 31}
+# Causal, 32 buckets: exact below 16, then 16 + floor(16 / 3 * log2(n / 16)), capped at 31; future
+# keys -> 0.
+CAUSAL = {0: 0, -1: 1, -15: 15, -16: 16, -18: 16, -19: 17, -32: 21, -45: 23, -64: 26, -100: 30,
+          -127: 31, -128: 31, -1000: 31, 1: 0, 50: 0}
+
+
+@pytest.mark.parametrize("table,bidirectional", [(BIDIRECTIONAL, True), (CAUSAL, False)])
+def test_relative_position_buckets_match_hand_computed_table(table, bidirectional):
+    rel = np.array(list(table), np.int32)
+    got = t5_layers.relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=32,
+                                             max_distance=128)
+    np.testing.assert_array_equal(np.asarray(got), np.array(list(table.values())))
+
+
+def test_relative_position_bias_module_uses_key_minus_query():
+    module = t5_layers.RelativePositionBiases(num_heads=2, num_buckets=32, max_distance=128)
+    pos = jnp.arange(5)
+    variables = module.init(jax.random.PRNGKey(0), pos, pos)
+    table = np.asarray(nn.unbox(variables)["params"]["rel_embedding"])
+    bias = np.asarray(module.apply(variables, pos, pos))
+    assert bias.shape == (1, 2, 5, 5)
+    assert variables["params"]["rel_embedding"].names == ("heads", "relpos_buckets")
+    np.testing.assert_allclose(bias[0, :, 1, 3], table[:, BIDIRECTIONAL[2] if 2 in BIDIRECTIONAL else 18])
+    np.testing.assert_allclose(bias[0, :, 4, 0], table[:, 4])
+
+
+@pytest.mark.parametrize("size,published", [("small", 77e6), ("base", 248e6), ("large", 783e6),
+                                            ("xl", 2.85e9), ("xxl", 11.3e9)])
+def test_presets_match_published_sizes(size, published):
+    from zhchat.trainer import gin_cli
+
+    gin.clear_config()
+    try:
+        gin_cli.parse_gin([f"models/t5_{size}.gin"], [])
+        model = gin_cli.evaluate_macro("MODEL")
+    finally:
+        gin.clear_config()
+    assert model.config.vocab_size == 32128 and model.config.relpos_buckets == 32
+    count = model.num_params()  # jax.eval_shape: nothing is allocated
+    assert abs(count / published - 1) < 0.02, (size, count)
+
+
+def test_every_parameter_has_logical_axes(tiny):
+    boxed, params = tiny
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= AXES, leaf.names
+    names = set(params)
+    assert {"token_embedder", "logits_dense", "encoder_relpos", "decoder_relpos"} <= names
+    assert params["logits_dense"]["kernel"].shape == (32, 256)  # untied output layer
+    mlp = params["encoder_0"]["mlp"]
+    assert set(mlp) == {"wi_0", "wi_1", "wo"}  # gated GELU, no biases anywhere
+    assert not [p for p in jax.tree_util.tree_leaves_with_path(params) if "bias" in str(p[0])]
+
+
+def _batch(rng, enc_len, dec_len, vocab=256, segments=None):
+    enc = rng.integers(2, vocab, size=(1, enc_len)).astype(np.int32)
+    tgt = rng.integers(2, vocab, size=(1, dec_len)).astype(np.int32)
+    dec_in = np.concatenate([np.zeros((1, 1), np.int32), tgt[:, :-1]], axis=1)
+    return enc, dec_in, tgt
+
+
+def test_packed_segments_equal_separate_examples(tiny):
+    model, (_, params) = _model(), tiny
+    rng = np.random.default_rng(0)
+    a, b = _batch(rng, 5, 4), _batch(rng, 5, 4)
+    pad_enc, pad_dec = 3, 2
+    enc = np.concatenate([a[0], b[0], np.zeros((1, pad_enc), np.int32)], 1)
+    dec_in = np.concatenate([a[1], b[1], np.zeros((1, pad_dec), np.int32)], 1)
+    enc_seg = np.array([[1] * 5 + [2] * 5 + [0] * pad_enc], np.int32)
+    dec_seg = np.array([[1] * 4 + [2] * 4 + [0] * pad_dec], np.int32)
+    apply = _apply(model)
+    packed = apply({"params": params}, enc, dec_in, enc_seg, dec_seg)
+    for ex, dec_slice in ((a, slice(0, 4)), (b, slice(4, 8))):
+        alone = apply({"params": params}, ex[0], ex[1])
+        np.testing.assert_allclose(packed[:, dec_slice], alone, atol=2e-5, rtol=1e-4)
+
+
+def test_dropout_only_with_rng(tiny):
+    model, (_, params) = _model(dropout_rate=0.3), tiny
+    rng = np.random.default_rng(1)
+    enc, dec_in, tgt = _batch(rng, 8, 6)
+    batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
+             "decoder_target_tokens": tgt, "decoder_loss_weights": np.ones_like(tgt)}
+    loss = jax.jit(model.loss_fn)
+    l1, _ = loss(params, batch, None)
+    l2, _ = loss(params, batch, None)
+    l3, _ = loss(params, batch, jax.random.PRNGKey(1))
+    l4, _ = loss(params, batch, jax.random.PRNGKey(2))
+    assert float(l1) == float(l2) and float(l3) != float(l1) and float(l3) != float(l4)
+
+
+def test_bf16_compute_with_fp32_params(tiny):
+    _, params = tiny
+    enc, dec_in, _ = _batch(np.random.default_rng(1), 8, 6)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+    logits = _apply(_model(dtype="bfloat16"))({"params": params}, enc, dec_in)
+    ref = _apply(_model())({"params": params}, enc, dec_in)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, ref, atol=0.1)
+
+
+def test_loss_metrics_and_scores(tiny):
+    model, (_, params) = EncoderDecoderModel(config=t5.T5Config(**TINY), z_loss=1e-4), tiny
+    rng = np.random.default_rng(2)
+    enc, dec_in, tgt = _batch(rng, 8, 6)
+    weights = np.ones_like(tgt, np.float32)
+    weights[:, -2:] = 0
+    batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
+             "decoder_target_tokens": tgt, "decoder_loss_weights": weights}
+    loss, metrics = jax.jit(model.loss_fn)(params, batch, None)
+    assert set(metrics) >= {"loss", "z_loss", "accuracy", "num_tokens", "cross_entropy"}
+    assert float(metrics["num_tokens"]) == 4.0
+    assert np.isclose(float(loss), float(metrics["cross_entropy"] + metrics["z_loss"]))
+    assert np.log(256) < float(metrics["cross_entropy"]) < np.log(256) + 2.0  # near uniform at init
+    logits = _apply(model)({"params": params}, enc, dec_in)
+    logp = jax.nn.log_softmax(logits)[0, np.arange(6), tgt[0]]
+    np.testing.assert_allclose(jax.jit(model.score_batch)(params, batch), [float(logp[:4].sum())],
+                               rtol=1e-5)
+    with pytest.raises(KeyError, match="encoder_input_tokens"):
+        model.loss_fn(params, {k: v for k, v in batch.items() if k != "encoder_input_tokens"}, None)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="T5Config.d_model"):
+        t5.T5Config(d_model=0)
+    with pytest.raises(ValueError, match="T5Config.dtype"):
+        t5.T5Config(dtype="float77")
