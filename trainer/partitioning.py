@@ -63,9 +63,14 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
 
 @gin.configurable
 def make_mesh(*, mesh_shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MESH_AXES,
-              devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds a mesh over `devices` (default: all global devices) with -1 filled in."""
+              devices: Sequence[Any] | None = None, num_devices: int | None = None) -> Mesh:
+    """Builds a mesh over `devices` (default: all global devices, or the first `num_devices`)
+    with -1 filled in."""
     devices = list(jax.devices() if devices is None else devices)
+    if num_devices is not None:
+        if not 0 < num_devices <= len(devices):
+            raise ValueError(f"num_devices={num_devices}: {len(devices)} devices available")
+        devices = devices[:num_devices]
     shape = resolve_mesh_shape(mesh_shape, len(devices))
     try:
         dev_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
@@ -98,8 +103,8 @@ class Partitioner:
     def __init__(self, *, mesh_shape: Sequence[int] = (-1, 1, 1),
                  logical_axis_rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
                  extra_rules: Sequence[tuple[str, Any]] = (),
-                 devices: Sequence[Any] | None = None):
-        self.mesh = make_mesh(mesh_shape=mesh_shape, devices=devices)
+                 devices: Sequence[Any] | None = None, num_devices: int | None = None):
+        self.mesh = make_mesh(mesh_shape=mesh_shape, devices=devices, num_devices=num_devices)
         extra = {name for name, _ in extra_rules}
         # Overrides come first: flax uses the first rule that names a logical axis.
         self.rules = tuple(tuple(r) for r in extra_rules) + tuple(
