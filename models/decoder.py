@@ -129,8 +129,8 @@ class Attention(nn.Module):
         if not initialized:  # cache creation (init): plain causal attention over the input
             return layers.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
         i, length = index.value, q.shape[1]
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(k.dtype), (0, i, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(v.dtype), (0, i, 0, 0))
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
         index.value = i + length
         slots = jnp.arange(kv_mask.shape[1])
         q_slots = i + jnp.arange(length)

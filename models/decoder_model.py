@@ -151,6 +151,10 @@ class DecoderOnlyModel(BaseModel):
         Returns tokens [batch, max_decode_length] (and log-probs with `return_log_probs`)."""
         if unused:
             raise TypeError(f"DecoderOnlyModel.predict_batch: unknown decode options {sorted(unused)}")
+        prompts = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
+        if prompts.shape[1] + max_decode_length > self.config.max_len:
+            raise ValueError(f"prompt length {prompts.shape[1]} + max_decode_length {max_decode_length} "
+                             f"exceeds DecoderConfig.max_len={self.config.max_len}")
         key = (max_decode_length, float(temperature), int(top_k), float(top_p), bool(return_log_probs))
         if key not in self._decode_fns:
             def run(params, prompts, prefix, rng):
@@ -160,6 +164,5 @@ class DecoderOnlyModel(BaseModel):
                     prefix=prefix, temperature=temperature, top_k=top_k, top_p=top_p,
                     eos_id=self.eos_id, pad_id=self.pad_id, return_log_probs=return_log_probs)
             self._decode_fns[key] = jax.jit(run)
-        prompts = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
         prefix = batch.get("decoder_causal_attention")
         return self._decode_fns[key](params, prompts, prefix, rng)

@@ -17,8 +17,18 @@ TINY = dec.DecoderConfig(vocab_size=61, emb_dim=32, num_layers=2, num_heads=4, n
 
 def _init(cfg, length=8, seed=0):
     module = dec.Decoder(cfg)
-    params = nn.unbox(module.init(jax.random.PRNGKey(seed), jnp.ones((2, length), jnp.int32))["params"])
-    return module, params
+    init = jax.jit(lambda rng: module.init(rng, jnp.ones((2, length), jnp.int32))["params"])
+    return module, nn.unbox(init(jax.random.PRNGKey(seed)))
+
+
+_JITTED = {}
+
+
+def _fwd(module, params, tokens, **kwargs):
+    """Jitted forward, one compile per module and input structure (eager applies are slow)."""
+    if id(module) not in _JITTED:
+        _JITTED[id(module)] = (module, jax.jit(lambda p, t, kw: module.apply({"params": p}, t, **kw)))
+    return _JITTED[id(module)][1](params, tokens, kwargs)
 
 
 def _tokens(shape, seed=0, vocab=61):
@@ -27,11 +37,12 @@ def _tokens(shape, seed=0, vocab=61):
 
 def test_every_parameter_has_logical_axes_and_fp32():
     module = dec.Decoder(dataclasses.replace(TINY, dtype="bfloat16"))
-    boxed = module.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
+    boxed = jax.jit(lambda r: module.init(r, jnp.ones((1, 4), jnp.int32))["params"])(
+        jax.random.PRNGKey(0))
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
     assert all(x.value.dtype == jnp.float32 and len(x.names) == x.value.ndim for x in leaves)
-    logits = module.apply({"params": boxed}, jnp.ones((1, 4), jnp.int32))
+    logits = jax.jit(lambda p: module.apply({"params": p}, jnp.ones((1, 4), jnp.int32)))(boxed)
     assert logits.dtype == jnp.bfloat16 and logits.shape == (1, 4, 61)
 
 
@@ -56,11 +67,11 @@ def test_unpacked_fast_path_matches_masked_path_on_real_tokens():
     tokens = _tokens((2, 8), seed=2)
     seg = jnp.array([[1] * 8, [1] * 5 + [0] * 3])
     assert bool(dec.unpacked_rows(seg)) and not bool(dec.unpacked_rows(seg.at[1, 6].set(2)))
-    fast = module.apply({"params": params}, tokens, segment_ids=seg)  # lax.cond takes is_causal
-    no_seg = module.apply({"params": params}, tokens)
+    fast = _fwd(module, params, tokens, segment_ids=seg)  # lax.cond takes is_causal
+    no_seg = _fwd(module, params, tokens)
     np.testing.assert_allclose(fast, no_seg, rtol=1e-5, atol=1e-5)
     # Force the dense-mask branch with a prefix of zeros (same causal semantics).
-    masked = module.apply({"params": params}, tokens, segment_ids=seg, prefix=jnp.zeros_like(seg))
+    masked = _fwd(module, params, tokens, segment_ids=seg, prefix=jnp.zeros_like(seg))
     np.testing.assert_allclose(fast[0], masked[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fast[1, :5], masked[1, :5], rtol=1e-5, atol=1e-5)
 
@@ -70,7 +81,7 @@ def test_prefix_lm_prefix_is_bidirectional_and_targets_causal():
     tokens = _tokens((1, 6), seed=3)
     prefix = jnp.array([[1, 1, 1, 0, 0, 0]])
     seg = jnp.ones((1, 6), jnp.int32)
-    run = lambda t: module.apply({"params": params}, t, segment_ids=seg, prefix=prefix)
+    run = lambda t: _fwd(module, params, t, segment_ids=seg, prefix=prefix)
     base = run(tokens)
     later_prefix = run(tokens.at[0, 2].set(5 if tokens[0, 2] != 5 else 6))
     assert not np.allclose(base[0, 0], later_prefix[0, 0])  # position 0 sees prefix token 2
@@ -82,7 +93,7 @@ def test_gqa_with_all_kv_heads_is_mha_and_repeated_kv_is_equivalent():
     mha_cfg = dataclasses.replace(TINY, num_kv_heads=4)
     module, params = _init(mha_cfg)
     tokens = _tokens((2, 8), seed=4)
-    out = module.apply({"params": params}, tokens)
+    out = _fwd(module, params, tokens)
     # GQA with 2 kv heads equals MHA whose kv heads are the GQA heads repeated (query head h uses kv h//2).
     gqa_module, gqa_params = _init(TINY)
     rep = jax.tree_util.tree_map(lambda x: x, gqa_params)
@@ -90,24 +101,26 @@ def test_gqa_with_all_kv_heads_is_mha_and_repeated_kv_is_equivalent():
         att = rep[f"layers_{i}"]["attention"]
         for name in ("key", "value"):
             att[name]["kernel"] = jnp.repeat(att[name]["kernel"], 2, axis=1)
-    np.testing.assert_allclose(module.apply({"params": rep}, tokens),
-                               gqa_module.apply({"params": gqa_params}, tokens), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_fwd(module, rep, tokens), _fwd(gqa_module, gqa_params, tokens),
+                               rtol=1e-5, atol=1e-5)
     assert out.shape == (2, 8, 61)
 
 
 def test_tied_embeddings_share_the_table():
-    cfg = dataclasses.replace(TINY, tie_embeddings=True)
-    module, params = _init(cfg)
+    module, params = _init(dataclasses.replace(TINY, tie_embeddings=True))
     assert "logits_dense" not in params
-    x = jnp.ones((1, 1, 32))
+    tokens = _tokens((1, 5), seed=10)
+    # Tied logits are the final hidden states against the embedding table, scaled by 1/sqrt(emb).
+    logits, state = jax.jit(lambda p: module.apply({"params": p}, tokens, capture_intermediates=True,
+                                                   mutable=["intermediates"]))(params)
+    hidden = state["intermediates"]["decoder_norm"]["__call__"][0]
     emb = params["token_embedder"]["embedding"]
-    logits = module.apply({"params": params}, jnp.array([[3]]))
-    assert logits.shape == (1, 1, 61)
-    untied_module, untied = _init(TINY)
+    np.testing.assert_allclose(logits, hidden @ emb.T / np.sqrt(32), rtol=1e-5, atol=1e-5)
+    _, untied = _init(TINY)
     assert untied["logits_dense"]["kernel"].shape == (32, 61)
     n_tied = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
     n_untied = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(untied))
-    assert n_untied - n_tied == 32 * 61 and emb.shape == (61, 32) and x.shape[-1] == 32
+    assert n_untied - n_tied == 32 * 61
 
 
 def _stack_layers(params, num_layers):
