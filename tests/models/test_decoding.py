@@ -22,7 +22,7 @@ def _model_and_params(cfg=CFG, seed=0):
     return model, nn.unbox(model.init_params(jax.random.PRNGKey(seed), {"decoder_input_tokens": (1, 8)}))
 
 
-def _greedy_by_recompute(model, params, prompts, steps):
+def _greedy_by_recompute(model, params, prompts, steps, prefix_lm=False):
     """Greedy decoding that re-runs the whole (prompt + generated) sequence at every step.
 
     Rows are kept at one length (trailing slots are padding, segment 0) so one compile serves all steps.
@@ -31,8 +31,9 @@ def _greedy_by_recompute(model, params, prompts, steps):
     seqs = np.zeros((batch, plen + steps), np.int32)
     seqs[:, :plen] = np.asarray(prompts)
     valid = seqs != 0
+    prefix = jnp.asarray(valid.astype(np.int32)) if prefix_lm else None  # the prompt is the prefix
     forward = jax.jit(lambda t, s, p: model.module.apply({"params": params}, t, segment_ids=s,
-                                                         positions=p))
+                                                         positions=p, prefix=prefix))
     for t in range(steps):
         pos = np.maximum(np.cumsum(valid, 1) - 1, 0)
         logits = forward(jnp.asarray(seqs), jnp.asarray(valid.astype(np.int32)), jnp.asarray(pos))
@@ -58,6 +59,17 @@ def test_kv_cache_greedy_equals_full_recompute_with_mixed_padding():
     got_scan = scanned.predict_batch(stacked, {"decoder_input_tokens": PROMPTS},
                                      jax.random.PRNGKey(0), max_decode_length=6)
     np.testing.assert_array_equal(np.asarray(got_scan), want)
+
+
+def test_prefix_lm_prompt_decoding_equals_full_recompute():
+    model, params = _model_and_params(seed=3)
+    model.eos_id = None
+    batch = {"decoder_input_tokens": PROMPTS, "decoder_causal_attention": PROMPTS != 0}
+    got = model.predict_batch(params, batch, jax.random.PRNGKey(0), max_decode_length=4)
+    np.testing.assert_array_equal(got, _greedy_by_recompute(model, params, PROMPTS, 4, prefix_lm=True))
+    causal = model.predict_batch(params, {"decoder_input_tokens": PROMPTS}, jax.random.PRNGKey(0),
+                                 max_decode_length=4)
+    assert not np.array_equal(got, causal)  # the bidirectional prompt changes the continuation
 
 
 def test_top_k_one_is_greedy_and_sampling_is_reproducible():

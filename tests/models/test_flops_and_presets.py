@@ -61,3 +61,15 @@ def test_flop_counter_equals_hand_count():
     assert flops.mfu(1e15, 2.0, num_devices=2, peak_flops_per_device=1e15) == pytest.approx(0.25)
     with pytest.raises(ValueError):
         flops.mfu(1.0, 0.0)
+
+
+def test_model_modules_import_no_tensorflow_or_seqio():
+    import subprocess
+    import sys
+
+    code = ("import sys, zhchat.models.decoder_model, zhchat.models.decoding, zhchat.models.flops; "
+            "bad = [m for m in ('tensorflow', 'seqio', 'tensorflow_datasets') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
