@@ -84,9 +84,8 @@ class DecoderOnlyModel(BaseModel):
 
     # ---- training / scoring -----------------------------------------------------------------
     def _logits(self, params: Params, batch: Batch) -> jnp.ndarray:
-        missing = [k for k in _REQUIRED[:1] if k not in batch]
-        if missing:
-            raise KeyError(f"DecoderOnlyModel: batch lacks {missing}; has {sorted(batch)}")
+        if "decoder_input_tokens" not in batch:
+            raise KeyError(f"DecoderOnlyModel: batch lacks decoder_input_tokens; has {sorted(batch)}")
         logits = self.module.apply({"params": params}, batch["decoder_input_tokens"],
                                    **model_kwargs(batch))
         return logits.astype(jnp.float32)

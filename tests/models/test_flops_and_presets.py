@@ -64,6 +64,7 @@ def test_flop_counter_equals_hand_count():
 
 
 def test_model_modules_import_no_tensorflow_or_seqio():
+    import os
     import subprocess
     import sys
 
@@ -71,5 +72,5 @@ def test_model_modules_import_no_tensorflow_or_seqio():
             "bad = [m for m in ('tensorflow', 'seqio', 'tensorflow_datasets') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-2000:]
