@@ -1,0 +1,117 @@
+"""Training throughput of the real trainer step (forward, backward, clipping, AdamW update).
+
+Uses the trainer's own pieces (`init_shardings`, `jitted_init`, `jitted_steps`: the same jitted,
+donated, sharded step that `trainer.train` runs) on synthetic token batches of a workload's shapes,
+and reports step time, tokens/s/device, TFLOP/s/device and MFU (PaLM appendix-B FLOPs with causal
+attention counted as half), peak device memory and compile time.
+
+    python -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=10 \
+        [--mesh=-1,1,1] [--microbatches=1] [--gin.DecoderConfig.remat_policy="'full'"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from zhchat.benchmarks import workloads
+from zhchat.models import flops as flops_lib
+from zhchat.trainer import optimizers, partitioning
+from zhchat.trainer import train as train_lib
+
+
+def _peak_memory_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tuple[int, ...],
+        microbatches: int = 1, bindings: tuple[str, ...] = (),
+        peak_flops: float = flops_lib.H100_BF16_PEAK_FLOPS) -> dict[str, Any]:
+    """Compiles and times `steps` steps after `warmup` ones; returns the metrics dict."""
+    model = workloads.load_model(workload, bindings)
+    tx = optimizers.make_optimizer(learning_rate=1e-4)
+    partitioner = partitioning.Partitioner(mesh_shape=mesh_shape)
+    host_batch = workloads.synthetic_batch(workload, model.config.vocab_size)
+    shapes = {k: (v.shape[0] // microbatches,) + v.shape[1:] for k, v in host_batch.items()}
+    rng = jax.random.key(0)
+    _, state_sh, init_fn = train_lib.init_shardings(model, tx, partitioner, shapes, rng)
+    with partitioner.activate():
+        state = train_lib.jitted_init(init_fn, state_sh, ("bench", workload.name))(rng)
+        step, _ = train_lib.jitted_steps(model.loss_fn, microbatches, state_sh, partitioner)
+        batch = jax.device_put(host_batch, partitioner.batch_sharding)
+        t0 = time.perf_counter()
+        lowered = step.lower(state, batch, rng)
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t0
+        for _ in range(max(warmup, 1)):
+            state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready(metrics)
+        first_loss = float(metrics["loss"])
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready(metrics)
+        step_s = (time.perf_counter() - t0) / steps
+    n = jax.device_count()
+    ex_flops = workloads.flops_per_example(model, workload)
+    tokens = workload.batch_size * workloads.tokens_per_example(workload)
+    cfg = model.config
+    return {
+        "system": "zhchat", "workload": workload.name, "device": jax.devices()[0].device_kind,
+        "num_devices": n, "mesh": dict(partitioner.mesh.shape),
+        "versions": {"jax": jax.__version__, "flax": __import__("flax").__version__},
+        "batch_size": workload.batch_size, "seq_len": workload.seq_len,
+        "inputs_len": workload.inputs_len, "microbatches": microbatches,
+        "num_params": model.num_params(), "steps": steps,
+        "config": {k: getattr(cfg, k) for k in ("remat_policy", "scan_layers", "attention_impl",
+                                                "dtype") if hasattr(cfg, k)},
+        "step_time_s": step_s, "tokens_per_s_per_device": tokens / step_s / n,
+        "tflops_per_device": ex_flops * workload.batch_size / step_s / n / 1e12,
+        "mfu": ex_flops * workload.batch_size / step_s / (n * peak_flops),
+        "compile_s": compile_s, "peak_memory_gib": _peak_memory_gib(),
+        "loss_first": first_loss, "loss_last": float(metrics["loss"]),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zhchat.benchmarks.train_throughput")
+    p.add_argument("--workload", default="decoder_1b", choices=sorted(workloads.WORKLOADS))
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--seq_len", type=int)
+    p.add_argument("--inputs_len", type=int)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes (-1 = the rest)")
+    p.add_argument("--out", default=None, help="append the result as a json line to this file")
+    args, rest = p.parse_known_args(argv)
+    bindings = tuple(r[len("--gin."):] for r in rest if r.startswith("--gin."))
+    if any(not r.startswith("--gin.") for r in rest):
+        p.error(f"unrecognized arguments: {rest}")
+    w = workloads.get_workload(args.workload, batch_size=args.batch_size, seq_len=args.seq_len,
+                               inputs_len=args.inputs_len)
+    result = run(w, steps=args.steps, warmup=args.warmup,
+                 mesh_shape=tuple(int(x) for x in args.mesh.split(",")),
+                 microbatches=args.microbatches, bindings=bindings)
+    if not np.isfinite(result["loss_last"]):
+        print(f"non-finite loss {result['loss_last']}", file=sys.stderr)
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
