@@ -210,6 +210,10 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                 ckpt_lib.abstract_with_shardings(abstract, state_sh))
             if data_state is not None and hasattr(data_it, "set_state"):
                 data_it.set_state(data_state)
+            else:
+                print("warning: the data position was not restored (no saved iterator state or "
+                      "an iterator without set_state); data restarts from its beginning",
+                      file=sys.stderr, flush=True)
         else:
             state = jitted_init(init_fn, state_sh, (model, tuple(sorted(shapes.items()))))(init_rng)
         start = int(jax.device_get(state.step))
@@ -253,12 +257,15 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                 writer.write(done, scalars)
                 history.append({"step": done, **scalars})
                 window, t_start, timed_steps = [], time.perf_counter(), 0
+            paused = time.perf_counter()  # eval and checkpoint time is not training throughput
             if eval_every and done % eval_every == 0 and eval_runner.enabled:
                 results = eval_runner(state.params)
                 writer.write(done, results, prefix="eval")
                 eval_history.append({"step": done, **results})
             if checkpointer is not None:
                 checkpointer.save(done, state, data_state)
+            if t_start is not None:
+                t_start += time.perf_counter() - paused
             writer.advance()
         if checkpointer is not None:
             if data_state is not None or start < num_steps:

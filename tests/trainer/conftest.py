@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+CACHE_LEN = 64
 
 
 def tiny_decoder(vocab_size: int = 256):
@@ -34,6 +35,26 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield
     jax.config.update("jax_compilation_cache_dir", None)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory, demo_data_dir) -> tuple[str, int]:
+    """(cache dir, vocab size): data/demo -> SentencePiece BPE (3000 pieces) -> seqio task
+    `zh_demo_lm` -> 512 packed examples of length CACHE_LEN in 2 ArrayRecord shards."""
+    import gin
+    from zhchat.tasks import cache, lm, vocab
+
+    out = tmp_path_factory.mktemp("demo_lm")
+    vocab.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
+                          model_prefix=str(out / "bpe"), vocab_size=3000, model_type="bpe",
+                          character_coverage=0.98, input_sentence_size=6000, seed=0,
+                          progress=False)
+    names = lm.parse_gin(["tasks/demo_lm.gin"], [f"VOCAB_PATH = '{out / 'bpe.model'}'"])
+    gin.clear_config()
+    meta = cache.export_cache(task=names[0], split="train", output_dir=str(out / "cache"),
+                              feature_lengths={"targets": CACHE_LEN}, converter="decoder",
+                              num_shards=2, max_examples=512, progress=False)
+    return str(out / "cache"), meta["vocabulary"]["targets"]["vocab_size"]
 
 
 @pytest.fixture(scope="session")

@@ -7,31 +7,11 @@ data/demo -> SentencePiece (BPE, 3000 pieces) -> seqio task `zh_demo_lm` -> pack
 import json
 
 import gin
-import pytest
 
 from conftest import REPO_ROOT
 from zhchat.trainer import gin_cli, train
 
-SEQ_LEN = 64
 NUM_STEPS = 200
-
-
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory, demo_data_dir):
-    from zhchat.tasks import cache, lm, vocab
-
-    out = tmp_path_factory.mktemp("demo_lm")
-    vocab.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
-                          model_prefix=str(out / "bpe"), vocab_size=3000, model_type="bpe",
-                          character_coverage=0.98, input_sentence_size=6000, seed=0,
-                          progress=False)
-    names = lm.parse_gin(["tasks/demo_lm.gin"], [f"VOCAB_PATH = '{out / 'bpe.model'}'"])
-    gin.clear_config()
-    meta = cache.export_cache(task=names[0], split="train", output_dir=str(out / "cache"),
-                              feature_lengths={"targets": SEQ_LEN}, converter="decoder",
-                              num_shards=2, max_examples=512, progress=False)
-    return str(out / "cache"), meta["vocabulary"]["targets"]["vocab_size"]
-
 
 def test_tiny_decoder_loss_falls_on_demo_text(demo_cache, tmp_path, monkeypatch):
     cache_dir, vocab_size = demo_cache
@@ -44,7 +24,10 @@ def test_tiny_decoder_loss_falls_on_demo_text(demo_cache, tmp_path, monkeypatch)
         "make_schedule.peak_value = 1e-2", "make_schedule.warmup_steps = 20",
         "Partitioner.num_devices = 1", "Partitioner.mesh_shape = (1, 1, 1)",
         "train/make_cache_iterator.num_threads = 1",
-        "train/make_cache_iterator.prefetch_buffer_size = 8"])
+        "train/make_cache_iterator.prefetch_buffer_size = 8",
+        "train.eval_data = @eval/make_cache_iterator", f"EVAL_CACHE_DIR = '{cache_dir}'",
+        "train.eval_every = 100", "train.eval_steps = 2",
+        "eval/make_cache_iterator.num_threads = 1"])
     try:
         summary = train.train()
     finally:
@@ -53,7 +36,12 @@ def test_tiny_decoder_loss_falls_on_demo_text(demo_cache, tmp_path, monkeypatch)
     assert summary["step"] == NUM_STEPS and len(losses) == NUM_STEPS // 20
     print("losses every 20 steps:", [round(x, 3) for x in losses])
     assert losses[-1] < 0.7 * losses[0], losses
+    evals = summary["eval_history"]
+    assert [e["step"] for e in evals] == [100, 200] and evals[1]["loss"] < evals[0]["loss"]
+    assert evals[0]["num_tokens"] > 0 and 0 < evals[1]["accuracy"] < 1
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == NUM_STEPS and records[-1]["train/tokens_per_sec"] > 0
-    assert 0 < records[-1]["train/learning_rate"] < 1e-2
+    last_train = [r for r in records if "train/loss" in r][-1]
+    assert last_train["step"] == NUM_STEPS and last_train["train/tokens_per_sec"] > 0
+    assert 0 < last_train["train/learning_rate"] < 1e-2 and last_train["train/mfu"] > 0
+    assert [r["step"] for r in records if "eval/loss" in r] == [100, 200]
     assert (tmp_path / "checkpoints" / str(NUM_STEPS)).is_dir()  # the final save
