@@ -34,6 +34,10 @@ if __name__ == "__main__":  # `python -m`: run the importable module so gin regi
     console_main()
 
 
+DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
+                    "decoder_positions", "decoder_loss_weights")
+
+
 def make_iterator(source: Any, *, batch_size: int, seed: int) -> Iterator:
     """An iterator of this process's batches: `source` is an iterator, an iterable, or a factory
     called with (batch_size, seed, shard_index, shard_count) for this process's input shard."""
@@ -183,9 +187,11 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
             first = next(data_it)
         seq_len = int(np.asarray(first["decoder_input_tokens"]).shape[1])
     seq_len = seq_len or 2048
-    shapes = {k: (batch_size // microbatches, seq_len) for k in
-              ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
-               "decoder_positions", "decoder_loss_weights")}
+    micro = batch_size // microbatches
+    if first is not None:  # the real features (encoder ones too, for encoder-decoder models)
+        shapes = {k: (micro,) + np.asarray(v).shape[1:] for k, v in first.items()}
+    else:
+        shapes = {k: (micro, seq_len) for k in DECODER_FEATURES}
     boxed, state_sh, init_fn = init_shardings(model, tx, partitioner, shapes, init_rng)
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(boxed)))
     if dry_run:
@@ -227,7 +233,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
         eval_runner = _EvalRunner(eval_data, eval_fn, partitioner, batch_size=batch_size,
                                   local_batch=local_batch, seed=seed, steps=eval_steps)
         history, eval_history, window = [], [], []
-        data_state, t_start, timed_steps = None, None, 0
+        data_state, t_start, timed_steps, ran = None, None, 0, False
         for step in range(start, num_steps):
             try:
                 batch, next_data_state = next(batches)
@@ -235,7 +241,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                 print(f"train data ran out after step {step} (of num_steps={num_steps}); "
                       "stopping", file=sys.stderr, flush=True)
                 break
-            data_state = next_data_state
+            data_state, ran = next_data_state, True
             state, step_metrics = step_fn(state, batch, step_rng)
             window.append(step_metrics)
             done = step + 1
@@ -268,7 +274,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                 t_start += time.perf_counter() - paused
             writer.advance()
         if checkpointer is not None:
-            if data_state is not None or start < num_steps:
+            if ran:
                 checkpointer.save(int(jax.device_get(state.step)), state, data_state, force=True)
             checkpointer.close()
         writer.close()
