@@ -66,7 +66,10 @@ class RelativePositionBiases(nn.Module):
         buckets = relative_position_bucket(
             key_positions[None, :] - query_positions[:, None], bidirectional=self.bidirectional,
             num_buckets=self.num_buckets, max_distance=self.max_distance)
-        bias = jnp.take(jnp.asarray(table, self.dtype), buckets, axis=1)  # [heads, q, k]
+        # one-hot matmul instead of a gather: its gradient is a matmul, not a scatter-add of q*k
+        # updates into a few buckets (slow on accelerators)
+        onehot = jax.nn.one_hot(buckets, self.num_buckets, dtype=self.dtype)  # [q, k, buckets]
+        bias = jnp.einsum("hb,qkb->hqk", jnp.asarray(table, self.dtype), onehot)
         return bias[None]
 
 
