@@ -20,9 +20,13 @@ CONFIGURABLE_MODULES = (
     "zhchat.trainer.synthetic_data", "zhchat.trainer.train",
     "zhchat.models.decoder_model", "zhchat.models.encdec_model", "zhchat.tasks.cache_reader",
 )
-
+# Modules whose third-party dependencies a machine may lack (the GPU image has no grain), with the
+# configurables they register: bindings of those are skipped there, so e.g. pretrain.gin still
+# parses and synthetic_data.gin can replace the data source.
+OPTIONAL_MODULES = {"zhchat.tasks.cache_reader": ("make_cache_iterator",)}
 
 _ADDED_SEARCH_PATHS: set[str] = set()
+_UNAVAILABLE: dict[str, str] = {}  # optional module -> the dependency it could not import
 
 
 class GinConfigError(ValueError):
@@ -30,16 +34,27 @@ class GinConfigError(ValueError):
 
 
 def import_configurables(modules: Sequence[str] = CONFIGURABLE_MODULES) -> list[str]:
-    """Imports the modules that exist; returns the names of those not present in this checkout."""
+    """Imports the modules that exist; returns the names of those not present in this checkout.
+
+    An optional module whose dependency is missing is recorded (see `unavailable`), not fatal.
+    """
     missing = []
     for name in modules:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name is None or not name.startswith(e.name):  # a dependency is missing: real error
+            if e.name is not None and name.startswith(e.name):
+                missing.append(name)  # not in this checkout (yet)
+            elif name in OPTIONAL_MODULES and e.name:
+                _UNAVAILABLE[name] = e.name
+            else:
                 raise
-            missing.append(name)
     return missing
+
+
+def unavailable() -> dict[str, str]:
+    """Optional configurable modules that could not be imported here, with the missing package."""
+    return dict(_UNAVAILABLE)
 
 
 def gin_search_paths() -> list[str]:
@@ -92,14 +107,18 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
             _ADDED_SEARCH_PATHS.add(path)
     resolved = [resolve_gin_file(f) for f in files]
     try:
-        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
+        skip = [c for m in _UNAVAILABLE for c in OPTIONAL_MODULES[m]]
+        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False,
+                                            skip_unknown=skip or False)
     except (ValueError, OSError, SyntaxError, TypeError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         where = next((ln for ln in lines[1:] if ln.startswith("In ")), "")
         binding = lines[-1] if len(lines) > 2 else ""
         msg = lines[0] if lines else type(e).__name__
         detail = " ".join(x for x in (where, f"`{binding}`" if binding else "") if x)
-        raise GinConfigError(f"gin config error: {msg}" + (f" ({detail})" if detail else "")) from e
+        absent = "; ".join(f"{m} needs {d}, not installed" for m, d in _UNAVAILABLE.items())
+        raise GinConfigError(f"gin config error: {msg}" + (f" ({detail})" if detail else "")
+                             + (f" [not importable here: {absent}]" if absent else "")) from e
 
 
 def evaluate_macro(name: str) -> Any:

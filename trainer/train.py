@@ -348,12 +348,19 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     _distributed_init(args)
+    if args.dry_run:  # data is never read: do not build (or need the packages of) its readers
+        gin.bind_parameter("train.train_data", None)
+        gin.bind_parameter("train.eval_data", None)
     try:
         summary = train(dry_run=args.dry_run)
-    except RuntimeError as e:  # gin: a REQUIRED binding (e.g. the model) was not provided
-        if "Required bindings" not in str(e):
+    except (RuntimeError, ValueError) as e:  # gin: a REQUIRED binding (e.g. the model) missing,
+        first = str(e).splitlines()[0] if str(e) else ""  # or a skipped configurable is used
+        if not first.startswith(("Required bindings", "No configurable matching")):
             raise
-        print(f"gin config error: {str(e).splitlines()[0]}", file=sys.stderr)
+        absent = "; ".join(f"{m} needs {d}, not installed"
+                           for m, d in gin_cli.unavailable().items())
+        print(f"gin config error: {first}" + (f" [not importable here: {absent}]" if absent
+                                              else ""), file=sys.stderr)
         return 2
     if not args.dry_run:
         print(f"finished at step {summary['step']}, loss {summary['loss']:.4f}", flush=True)

@@ -1,5 +1,6 @@
 """The T5X-style CLI: gin typos stop with exit code 2 naming the binding; --dry_run of the 65B preset."""
 
+import os
 import subprocess
 import sys
 
@@ -61,3 +62,24 @@ def test_dry_run_65b_counts_params_without_allocating(capsys, monkeypatch):
     assert "mesh: {'data': 8, 'fsdp': 1, 'tensor': 1}" in out
     assert "flops per token" in out
     assert "layers/mlp/wi_0/kernel" in out and "'fsdp', 'tensor'" in out
+
+
+def test_runs_without_grain(tmp_path):
+    """The GPU image has no grain: pretrain.gin must still parse, and using the cache says why not."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoGrain:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'grain':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _NoGrain())\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    base = [sys.executable, "-m", "zhchat.trainer.train", TINY, PRETRAIN]
+    dry = subprocess.run(base + ["--dry_run"], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert dry.returncode == 0 and dry.stdout.startswith("parameters:"), dry.stderr[-2000:]
+    run = subprocess.run(base + [f"--gin.RUN_DIR='{tmp_path / 'run'}'"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert "make_cache_iterator" in last and "needs grain" in last
