@@ -16,6 +16,7 @@ shuffle moves a few thousand arrays instead of millions of tuples. Steps:
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from typing import Iterable
 
 import apache_beam as beam
@@ -62,6 +63,12 @@ def _text_hash(text: str) -> int:
     return minhash.hash64(text)
 
 
+# Per-document numbers the later steps need; strings (source, id, preview) travel beside them as one
+# pickled list per array, so an element is a few arrays and one bytes object, never 1000s of objects
+# (Beam sizes side inputs object by object).
+META_DTYPE = np.dtype([("key", "<u8"), ("rank", "<u4"), ("length", "<u8"), ("thash", "<u8")])
+
+
 class Sketch(beam.DoFn):
     """Batch of docs -> tagged index arrays: 'bands', 'sigs', 'lines' (each keyed by index shard)."""
 
@@ -74,8 +81,8 @@ class Sketch(beam.DoFn):
 
     def process(self, batch):
         cfg, shards = self.cfg, np.uint64(self.cfg.index_shards)
-        keys = np.array([d[0] for d in batch], np.uint64)
-        ths = np.array([_text_hash(d[4]) for d in batch], np.uint64)
+        meta = np.array([(d[0], d[2], len(d[4]), _text_hash(d[4])) for d in batch], META_DTYPE)
+        keys, ths = meta["key"], meta["thash"]
         cols = []
         if cfg.near:
             sigs = self.hasher.signatures([d[4] for d in batch])
@@ -90,16 +97,26 @@ class Sketch(beam.DoFn):
             bkeys = bkeys.ravel()
             for s, sel in _split(bkeys % shards):
                 yield beam.pvalue.TaggedOutput("bands", (s, (flat_keys[sel], bkeys[sel])))
-            meta = [(d[1], d[2], d[3], len(d[4]), int(t), d[4][:80]) for d, t in zip(batch, ths)]
+            labels = [(d[1], d[3], d[4][:80]) for d in batch]
             for s, sel in _split(keys % shards):
                 yield beam.pvalue.TaggedOutput(
-                    "sigs", (s, (keys[sel], sigs[sel], [meta[i] for i in sel])))
+                    "sigs", (s, (meta[sel], sigs[sel], _pack([labels[i] for i in sel]))))
         if cfg.line_min_chars > 0:
             rows = [(minhash.hash64(ln), d[2], d[0], i) for d in batch
                     for i, ln in enumerate(d[4].split("\n")) if len(ln) >= cfg.line_min_chars]
             lines = np.array(rows, _LINE_DTYPE)
             for s, sel in _split(lines["h"] % shards):
                 yield beam.pvalue.TaggedOutput("lines", (s, lines[sel]))
+
+
+def _pack(labels: list) -> bytes:
+    return pickle.dumps(labels, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unique_rows(pairs: np.ndarray) -> np.ndarray:
+    """Sorted unique rows of uint64[n, 2] (a lexsort: far cheaper than np.unique(axis=0))."""
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    return pairs[np.r_[True, (pairs[1:] != pairs[:-1]).any(axis=1)]] if len(pairs) else pairs
 
 
 def _split(shard_of: np.ndarray) -> Iterable[tuple[int, np.ndarray]]:
@@ -116,17 +133,18 @@ def candidate_pairs(item, index_shards: int):
     bkeys = np.concatenate([p[1] for p in parts])
     pairs = minhash.bucket_pairs(bkeys, keys)
     if len(pairs):
-        pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+        pairs = _unique_rows(np.sort(pairs, axis=1))
         for s, sel in _split(pairs[:, 0] % np.uint64(index_shards)):
             yield s, pairs[sel]
 
 
 def _index(sig_parts):
-    keys = np.concatenate([p[0] for p in sig_parts])
+    """Sig shard parts -> (meta sorted by key, their signatures, their labels)."""
+    meta = np.concatenate([p[0] for p in sig_parts])
     sigs = np.concatenate([p[1] for p in sig_parts])
-    meta = [m for p in sig_parts for m in p[2]]
-    order = np.argsort(keys)
-    return keys[order], sigs[order], [meta[i] for i in order]
+    labels = [lab for p in sig_parts for lab in pickle.loads(p[2])]
+    order = np.argsort(meta["key"], kind="stable")
+    return meta[order], sigs[order], [labels[i] for i in order]
 
 
 def _lookup(sorted_keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -142,57 +160,64 @@ def attach_first(item, index_shards: int):
     _, grouped = item
     if not grouped["pairs"]:
         return
-    keys, sigs, meta = _index(grouped["sigs"])
-    pairs = np.unique(np.concatenate(grouped["pairs"]), axis=0)
-    ia = _lookup(keys, pairs[:, 0])
+    meta, sigs, labels = _index(grouped["sigs"])
+    pairs = _unique_rows(np.concatenate(grouped["pairs"]))
+    ia = _lookup(meta["key"], pairs[:, 0])
     for s, sel in _split(pairs[:, 1] % np.uint64(index_shards)):
-        yield s, (pairs[sel], sigs[ia[sel]], [meta[ia[i]] for i in sel])
+        yield s, (pairs[sel], sigs[ia[sel]], meta[ia[sel]], _pack([labels[ia[i]] for i in sel]))
 
 
 def verify_pairs(item, threshold: float):
-    """Join 2: b's signature; keeps (a, b, jaccard, meta_a, meta_b) with J >= threshold or same text."""
+    """Join 2: b's signature; keeps pairs with estimated Jaccard >= threshold or the same text.
+
+    Yields (pairs uint64[n, 2], jaccard float32[n], meta of the docs in them, their labels)."""
     _, grouped = item
     if not grouped["half"]:
         return
-    keys, sigs, meta = _index(grouped["sigs"])
-    for pairs, sig_a, meta_a in grouped["half"]:
-        ib = _lookup(keys, pairs[:, 1])
-        jac = (sig_a == sigs[ib]).mean(axis=1)
-        for i in range(len(pairs)):
-            exact = meta_a[i][4] == meta[ib[i]][4]
-            if exact or jac[i] >= threshold:
-                yield int(pairs[i, 0]), int(pairs[i, 1]), float(jac[i]), meta_a[i], meta[ib[i]]
+    meta, sigs, labels = _index(grouped["sigs"])
+    for pairs, sig_a, meta_a, labels_a in grouped["half"]:
+        ib = _lookup(meta["key"], pairs[:, 1])
+        jac = (sig_a == sigs[ib]).mean(axis=1, dtype=np.float32)
+        keep = np.nonzero((meta_a["thash"] == meta["thash"][ib]) | (jac >= threshold))[0]
+        if keep.size:
+            labels_a = pickle.loads(labels_a)
+            yield (pairs[keep], jac[keep], np.concatenate([meta_a[keep], meta[ib[keep]]]),
+                   _pack([labels_a[i] for i in keep] + [labels[ib[i]] for i in keep]))
 
 
-def keep_order(meta) -> tuple:
+def keep_order(meta, label) -> tuple:
     """Cluster keeper = smallest of these: longest text, then earlier source, then smaller id."""
-    source, rank, doc_id, length, _, _ = meta
-    return -length, rank, doc_id
+    return -int(meta["length"]), int(meta["rank"]), label[1]
 
 
-def components(records: list, max_examples: int) -> dict:
-    """Verified pairs -> {'drops': {key: reason}, 'summary': report dict}."""
-    uf, meta, best_j = minhash.UnionFind(), {}, {}
-    for a, b, jac, ma, mb in sorted(records, key=lambda r: (r[0], r[1])):
+def components(verified: list, max_examples: int) -> dict:
+    """Verified pair arrays -> {'drops': {key: reason}, 'summary': report dict}."""
+    pairs = (np.concatenate([v[0] for v in verified]) if verified
+             else np.zeros((0, 2), np.uint64))
+    info = {}  # doc key -> (meta row, [source, id, preview])
+    for _, _, meta, labels in verified:
+        for row, label in zip(meta, pickle.loads(labels)):
+            info[int(row["key"])] = (row, label)
+    uf = minhash.UnionFind()
+    for a, b in _unique_rows(pairs).tolist():
         uf.union(a, b)
-        meta[a], meta[b] = ma, mb
     drops, clusters = {}, []
     by_reason = {"exact": 0, "near": 0}
     cross = {}
     for members in uf.components():
-        members.sort(key=lambda k: keep_order(meta[k]))
-        keeper = meta[members[0]]
+        members.sort(key=lambda k: keep_order(*info[k]))
+        keeper = info[members[0]][0]
         for k in members[1:]:
-            reason = "exact" if meta[k][4] == keeper[4] else "near"
+            reason = "exact" if info[k][0]["thash"] == keeper["thash"] else "near"
             drops[k] = reason
             by_reason[reason] += 1
-        sources = sorted({meta[k][0] for k in members})
+        sources = sorted({info[k][1][0] for k in members})
         if len(sources) > 1:
             cross["+".join(sources)] = cross.get("+".join(sources), 0) + 1
         clusters.append({"size": len(members), "sources": sources,
-                         "members": [{"source": meta[k][0], "id": meta[k][2],
-                                      "chars": meta[k][3], "kept": k == members[0],
-                                      "preview": meta[k][5]} for k in members[:5]]})
+                         "members": [{"source": info[k][1][0], "id": info[k][1][1],
+                                      "chars": int(info[k][0]["length"]), "kept": k == members[0],
+                                      "preview": info[k][1][2]} for k in members[:5]]})
     clusters.sort(key=lambda c: (-c["size"], c["members"][0]["source"], c["members"][0]["id"]))
     summary = {"clusters": len(clusters), "docs_removed": by_reason,
                "cross_source_clusters": dict(sorted(cross.items())),
@@ -226,7 +251,7 @@ class FindDuplicates(beam.PTransform):
 
     def expand(self, docs):
         cfg, n = self.cfg, self.cfg.index_shards
-        idx = (docs | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=512)
+        idx = (docs | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=2048)
                | "Sketch" >> beam.ParDo(Sketch(cfg)).with_outputs("bands", "sigs", "lines"))
         pairs = (idx.bands | "GroupBuckets" >> beam.GroupByKey()
                  | "Candidates" >> beam.FlatMap(candidate_pairs, n))

@@ -55,12 +55,32 @@ class ReadFile(beam.DoFn):
             if logged[reason] <= 3:  # the report has the totals; the log shows the first few
                 logging.warning("skipped (%s) in %s: %s", src.name, os.path.basename(path), reason)
 
+        docs = chars = 0  # counted once per file: a counter update per document costs ~1 us
         for doc_id, text in iter_documents(files=[path], format=src.format,
                                            text_field=src.text_field, id_field=src.id_field,
                                            counter=count, max_doc_chars=self.max_doc_chars):
-            self.counters.stage("read", src.name, None, text)
+            docs, chars = docs + 1, chars + len(text)
             progress.tick()
             yield doc_key(src.name, doc_id), src.name, rank, doc_id, text
+        self.counters.inc(f"read|{src.name}|docs_out", docs)
+        self.counters.inc(f"read|{src.name}|chars_out", chars)
+
+
+class SpreadFiles(beam.PTransform):
+    """Deals the (rank, source, path) items over the workers, biggest file first, one key per file.
+
+    Only these small tuples are shuffled, so each worker reads, cleans and sketches its own files.
+    The local runner deals grouped keys round-robin in arrival order (the 2 workers each get about
+    half the bytes); other runners spread the keys by hash."""
+
+    def __init__(self, files: Sequence[tuple]):
+        super().__init__()
+        self.files = sorted(files, key=lambda f: (-os.path.getsize(f[2]), f[0], f[2]))
+
+    def expand(self, pbegin):
+        return (pbegin | "Files" >> beam.Create(list(enumerate(self.files)), reshuffle=False)
+                | "PerFile" >> beam.GroupByKey()
+                | "Deal" >> beam.FlatMap(lambda kv: kv[1]))
 
 
 class CleanDoc(beam.DoFn):
@@ -170,7 +190,7 @@ def clean_corpus(*, sources: Sequence[Source], output_dir: str, root: str = ".",
                  num_shards)
     pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
     docs = (pipeline
-            | "Files" >> beam.Create(files)
+            | "Files" >> SpreadFiles(files)
             | "Read" >> beam.ParDo(ReadFile(max_doc_chars))
             | "Spread" >> beam.Reshuffle()
             | "Clean" >> beam.ParDo(CleanDoc(normalizer, filters)))
