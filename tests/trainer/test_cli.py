@@ -73,7 +73,8 @@ def test_runs_without_grain(tmp_path):
         "        if name.split('.')[0] == 'grain':\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
         "sys.meta_path.insert(0, _NoGrain())\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     base = [sys.executable, "-m", "zhchat.trainer.train", TINY, PRETRAIN]
     dry = subprocess.run(base + ["--dry_run"], cwd=REPO_ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
