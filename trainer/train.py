@@ -52,32 +52,39 @@ def make_iterator(source: Any, *, batch_size: int, seed: int) -> Iterator:
 
 
 class DevicePrefetcher:
-    """Yields (global device batch, iterator state after it) with the next batch already placed."""
+    """Yields (global device batch, iterator state after it). Call `prefetch()` right after
+    dispatching a step: the next batch is then read and placed while the device computes."""
 
     def __init__(self, it: Iterator, sharding: jax.sharding.Sharding, *, global_batch: int):
         self.it, self.sharding, self.global_batch = it, sharding, global_batch
-        self._next = self._fetch()
-
-    def _state(self) -> Any:
-        return self.it.get_state() if hasattr(self.it, "get_state") else None
+        self._next: tuple[dict[str, jax.Array], Any] | None = None
+        self._exhausted = False
 
     def _fetch(self) -> tuple[dict[str, jax.Array], Any] | None:
         try:
             local = next(self.it)
         except StopIteration:
+            self._exhausted = True
             return None
         batch = {}
         for name, x in local.items():
             x = np.asarray(x)
             global_shape = (self.global_batch,) + x.shape[1:]
             batch[name] = jax.make_array_from_process_local_data(self.sharding, x, global_shape)
-        return batch, self._state()
+        return batch, (self.it.get_state() if hasattr(self.it, "get_state") else None)
+
+    def prefetch(self) -> None:
+        if self._next is None and not self._exhausted:
+            self._next = self._fetch()
+
+    def __iter__(self) -> "DevicePrefetcher":
+        return self
 
     def __next__(self) -> tuple[dict[str, jax.Array], Any]:
-        current = self._next
-        if current is None:
+        self.prefetch()
+        if self._next is None:
             raise StopIteration
-        self._next = self._fetch()
+        current, self._next = self._next, None
         return current
 
 
@@ -243,6 +250,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                 break
             data_state, ran = next_data_state, True
             state, step_metrics = step_fn(state, batch, step_rng)
+            batches.prefetch()  # overlaps the host's next read with this step on the device
             window.append(step_metrics)
             done = step + 1
             if t_start is None:  # the first step compiles: time throughput from its end

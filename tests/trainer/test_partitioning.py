@@ -23,8 +23,9 @@ def test_mesh_axes_and_rule_overrides():
     part = partitioning.Partitioner(mesh_shape=(2, 2, 2), extra_rules=[("embed", "tensor")])
     assert dict(part.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert part.data_parallel_size == 4
-    spec, dropped = part.mesh_spec(P("embed", "mlp"), (8, 8))
-    assert spec == P("tensor", "tensor") or spec == P("tensor", None)
+    # the override wins; `mlp` then finds `tensor` taken within this array and stays replicated
+    assert part.rules[0] == ("embed", "tensor")
+    assert part.mesh_spec(P("embed", "mlp"), (8, 8)) == (P("tensor", None), [])
     default = partitioning.Partitioner(mesh_shape=(2, 2, 2))
     assert default.mesh_spec(P("embed", "mlp"), (8, 8))[0] == P("fsdp", "tensor")
     # an axis that does not divide the dimension is dropped (replicated) and reported
