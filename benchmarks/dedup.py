@@ -94,7 +94,7 @@ def run_ours(args) -> dict:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from zhchat.tasks.clean import dedup, pipeline
+    from zhchat.tasks.clean import dedup, pipeline, report
     from zhchat.tasks.clean.readers import Source
 
     cfg = dedup.DedupConfig(threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram,
@@ -106,22 +106,25 @@ def run_ours(args) -> dict:
         p = beam.Pipeline(options=PipelineOptions(list(pipeline.FASTEST_LOCAL)))
         docs = p | pipeline.SpreadFiles(files) | beam.ParDo(pipeline.ReadFile(16 << 20))
         _, verified = docs | dedup.FindDuplicates(cfg)
-        counted = docs | "Count" >> beam.combiners.Count.Globally()
 
-        def write(parts, n):
+        def write(parts):
             names = []
             for pairs, _, _, labels in parts:
                 labels = [f"{lab[0]}:{lab[1]}" for lab in pickle.loads(labels)]
                 names += [[labels[i], labels[len(pairs) + i]] for i in range(len(pairs))]
             with open(args.pairs_file, "w", encoding="utf-8") as f:
-                json.dump({"docs": n, "pairs": sorted(names)}, f)
+                json.dump(sorted(names), f)
 
-        _ = (verified | beam.combiners.ToList()
-             | beam.Map(write, beam.pvalue.AsSingleton(counted)))
-        p.run().wait_until_finish()
+        _ = verified | dedup.Gather() | beam.Map(write)
+        result = p.run()
+        result.wait_until_finish()
         seconds = time.time() - start
     with open(args.pairs_file, encoding="utf-8") as f:
-        n_docs = json.load(f)["docs"]
+        pairs = json.load(f)
+    n_docs = sum(v for k, v in report.counter_values(result.metrics()).items()
+                 if k.startswith("read|") and k.endswith("|docs_out"))
+    with open(args.pairs_file, "w", encoding="utf-8") as f:
+        json.dump({"docs": n_docs, "pairs": pairs}, f)
     return {"seconds": seconds, "docs": n_docs, "peak_mb": peak.mb,
             "bands_rows": list(cfg.band_params()), "timed": "files on disk -> verified pairs"}
 

@@ -196,9 +196,14 @@ def clean_corpus(*, sources: Sequence[Source], output_dir: str, root: str = ".",
             | "Clean" >> beam.ParDo(CleanDoc(normalizer, filters)))
     out_n = num_shards
     idx, verified = docs | "FindDuplicates" >> dedup.FindDuplicates(cfg)
-    comps = (verified | "AllPairs" >> beam.combiners.ToList()
+    comps = (verified | "AllPairs" >> dedup.Gather()
              | "Components" >> beam.Map(dedup.components, cfg.examples))
-    _ = comps | "WriteClusters" >> beam.Map(lambda c: _write_json(c["summary"], clusters_path))
+    shown = comps | "Shown" >> beam.Map(lambda c: dedup.shown_keys(c["summary"]))
+    found = (idx.previews | "GroupPreviews" >> beam.GroupByKey()
+             | "Previews" >> beam.FlatMap(dedup.previews, beam.pvalue.AsSingleton(shown)))
+    _ = comps | "WriteClusters" >> beam.Map(
+        lambda c, f: _write_json(dedup.with_previews(c["summary"], f), clusters_path),
+        beam.pvalue.AsList(found))
     drops = comps | "Drops" >> beam.FlatMap(
         lambda c: [(k % out_n, ("drop", k, r)) for k, r in sorted(c["drops"].items())])
     removed = comps | "Removed" >> beam.Map(

@@ -10,7 +10,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from zhchat.tasks.clean import stats
 
 
-def _counter_values(metrics) -> dict[str, int]:
+def counter_values(metrics) -> dict[str, int]:
     out = {}
     for c in metrics.query(MetricsFilter().with_namespace(stats.NAMESPACE))["counters"]:
         value = c.committed if c.committed is not None else c.attempted
@@ -21,7 +21,7 @@ def _counter_values(metrics) -> dict[str, int]:
 def build(metrics, *, clusters: dict, seconds: float, sources: Sequence[str],
           filters: Sequence[str], settings: dict) -> dict:
     """Assembles the report dict from the pipeline's counters (or a plain {name: value} dict)."""
-    values = metrics if isinstance(metrics, dict) else _counter_values(metrics)
+    values = metrics if isinstance(metrics, dict) else counter_values(metrics)
     stage_names = (["read", "normalize"] + [f"filter:{f}" for f in filters]
                    + ["dedup:exact", "dedup:near", "dedup:lines", "output"])
     stages = {}
