@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Mapping
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from zhchat.trainer import checkpoints as ckpt_lib
@@ -168,7 +167,8 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
     """Trains `model` for `num_steps` (global batch `batch_size` split into `microbatches`).
 
     Resumes from the latest checkpoint under `run_dir/checkpoints` when there is one (same step,
-    data position and RNG). Returns {"step", "loss", "history", "eval_history", "num_params"};
+    data position and RNG). Returns {"step", "loss" (last logged), "history" (one dict per log),
+    "eval_history", "num_params", "state" (the final TrainState)};
     with `dry_run` only prints the model/mesh report and returns {"num_params", "report"}.
     """
     partitioner = partitioner or partitioning.Partitioner()
