@@ -29,3 +29,28 @@ def shared_data_dir() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("the shared data folder beside the checkout is absent")
     return SHARED_DATA
+
+
+# Tiny tokenizers trained once per session on the embedded demo corpus: a small vocabulary (3000
+# pieces; the demo text has more distinct characters than that, so character coverage is lowered to
+# 0.98 and byte fallback covers the rest) and a 6000-sentence sample, about a second each.
+VOCAB_SIZE = 3000
+
+
+@pytest.fixture(scope="session")
+def spm_models(tmp_path_factory, demo_data_dir) -> dict:
+    """{'unigram': path, 'bpe': path} of SentencePiece models trained on the demo corpus."""
+    from zhchat.tasks import vocab
+
+    out = tmp_path_factory.mktemp("spm")
+    models = {}
+    for model_type in ("unigram", "bpe"):
+        prefix = str(out / model_type)
+        vocab.train_tokenizer(
+            files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl", model_prefix=prefix,
+            vocab_size=VOCAB_SIZE, model_type=model_type, character_coverage=0.98,
+            input_sentence_size=6000, seed=0, progress=False,
+            heldout_files=[str(demo_data_dir / "peoples_daily_199801_tagged_sample.txt.gz")],
+            heldout_format="pku_tagged", heldout_max_chars=100_000)
+        models[model_type] = prefix + ".model"
+    return models

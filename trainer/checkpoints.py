@@ -86,6 +86,44 @@ class Checkpointer:
         self.manager.close()
 
 
+def restore_params_only(directory: str, abstract_params: Any, step: int | None = None
+                        ) -> tuple[Any, int]:
+    """Only the parameters of a train-state checkpoint (no optimizer state, no data position),
+    onto the shardings carried by `abstract_params`: for fine-tuning from a pretrained run, for
+    inference and for frozen reference/reward models. Returns (params, step)."""
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    target = {"params": abstract_params}
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {directory}/{step} does not match this model's parameters "
+                         f"(another architecture or vocabulary size?): {str(e)[:500]}") from e
+    finally:
+        manager.close()
+    return restored["state"]["params"], step
+
+
+def restore_params(directory: str, model: Any, partitioner: Any, rng: jax.Array,
+                   step: int | None = None) -> tuple[Any, int]:
+    """`restore_params_only` for a model wrapper: parameter shapes come from `model.init_params`
+    (traced, never allocated) and shardings from the partitioner's rules."""
+    import flax.linen as nn
+
+    shapes = {k: (1, 8) for k in ("decoder_input_tokens", "decoder_target_tokens",
+                                  "decoder_segment_ids", "decoder_positions",
+                                  "decoder_loss_weights", "encoder_input_tokens",
+                                  "encoder_segment_ids", "encoder_positions")}
+    with partitioner.activate():
+        boxed = jax.eval_shape(lambda k: model.init_params(k, shapes), rng)
+    abstract = abstract_with_shardings(nn.unbox(boxed), partitioner.shardings(boxed))
+    return restore_params_only(directory, abstract, step)
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """`jax.ShapeDtypeStruct`s of `tree` carrying `shardings` (the restore target)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -9,6 +9,7 @@ A bad file or binding becomes a `GinConfigError` carrying one concise message.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Any, Sequence
 
@@ -26,6 +27,17 @@ CONFIGURABLE_MODULES = (
 OPTIONAL_MODULES = {"zhchat.tasks.cache_reader": ("make_cache_iterator",)}
 
 _ADDED_SEARCH_PATHS: set[str] = set()
+
+
+class _IncludeProbeFilter(logging.Filter):
+    """gin logs an ERROR for each search-path candidate it probes for an `include` before the one
+    that exists; those are not errors (a file that is truly missing still raises)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found:")
+
+
+logging.getLogger().addFilter(_IncludeProbeFilter())
 _UNAVAILABLE: dict[str, str] = {}  # optional module -> the dependency it could not import
 
 

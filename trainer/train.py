@@ -161,13 +161,16 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
           microbatches: int = 1, seq_len: int | None = None, eval_every: int = 0,
           eval_steps: int = 10, log_every: int = 10, checkpoint_every: int = 1000,
           keep_checkpoints: int | None = 3, async_checkpointing: bool = True,
-          run_dir: str | None = None, seed: int = 0,
+          run_dir: str | None = None, init_checkpoint_dir: str | None = None, seed: int = 0,
           peak_flops_per_device: float = metrics_lib.H100_BF16_PEAK_FLOPS,
           progress_bar: bool = True, dry_run: bool = False) -> dict[str, Any]:
     """Trains `model` for `num_steps` (global batch `batch_size` split into `microbatches`).
 
     Resumes from the latest checkpoint under `run_dir/checkpoints` when there is one (same step,
-    data position and RNG). Returns {"step", "loss" (last logged), "history" (one dict per log),
+    data position and RNG). Otherwise, with `init_checkpoint_dir` (another run's checkpoints, e.g.
+    pretraining before SFT), starts from that run's parameters with a fresh optimizer and step 0.
+    The parsed gin config is written to `run_dir/config.gin` (what infer/chat rebuild models from).
+    Returns {"step", "loss" (last logged), "history" (one dict per log),
     "eval_history", "num_params", "state" (the final TrainState)};
     with `dry_run` only prints the model/mesh report and returns {"num_params", "report"}.
     """
@@ -211,6 +214,10 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
     if first is not None and not hasattr(data_it, "get_state"):
         data_it = _chain_first(first, data_it)
 
+    if run_dir and jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.gin"), "w", encoding="utf-8") as f:
+            f.write(gin.config_str())
     checkpointer = None
     if run_dir and (checkpoint_every or keep_checkpoints):
         checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"),
@@ -229,6 +236,13 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                       file=sys.stderr, flush=True)
         else:
             state = jitted_init(init_fn, state_sh, (model, tuple(sorted(shapes.items()))))(init_rng)
+            if init_checkpoint_dir:
+                params, from_step = ckpt_lib.restore_params_only(
+                    init_checkpoint_dir, ckpt_lib.abstract_with_shardings(
+                        jax.eval_shape(init_fn, init_rng).params, state_sh.params))
+                state = state.replace(params=params)
+                print(f"initialised parameters from {init_checkpoint_dir} (step {from_step}); "
+                      "fresh optimizer state", file=sys.stderr, flush=True)
         start = int(jax.device_get(state.step))
 
         step_fn, eval_fn = jitted_steps(model.loss_fn, microbatches, state_sh, partitioner)

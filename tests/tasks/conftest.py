@@ -1,34 +1,9 @@
-"""Session fixtures for the data-spine tests: tiny tokenizers trained once, the demo task registered.
-
-The tokenizers are trained on the embedded demo corpus with a small vocabulary (3000 pieces; the demo
-text has more distinct characters than that, so character coverage is lowered to 0.98, byte fallback
-covers the rest) and a 6000-sentence sample, which takes about a second each.
-"""
+"""Session fixtures for the data-spine tests: the demo task registered with the test tokenizer
+(`spm_models`, trained once per session in tests/conftest.py)."""
 
 import pathlib
 
 import pytest
-
-VOCAB_SIZE = 3000
-
-
-@pytest.fixture(scope="session")
-def spm_models(tmp_path_factory, demo_data_dir) -> dict:
-    """{'unigram': path, 'bpe': path} of SentencePiece models trained on the demo corpus."""
-    from zhchat.tasks import vocab
-
-    out = tmp_path_factory.mktemp("spm")
-    models = {}
-    for model_type in ("unigram", "bpe"):
-        prefix = str(out / model_type)
-        vocab.train_tokenizer(
-            files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl", model_prefix=prefix,
-            vocab_size=VOCAB_SIZE, model_type=model_type, character_coverage=0.98,
-            input_sentence_size=6000, seed=0, progress=False,
-            heldout_files=[str(demo_data_dir / "peoples_daily_199801_tagged_sample.txt.gz")],
-            heldout_format="pku_tagged", heldout_max_chars=100_000)
-        models[model_type] = prefix + ".model"
-    return models
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.tasks.conftest import VOCAB_SIZE
+from tests.conftest import VOCAB_SIZE
 from zhchat.tasks import vocab
 from zhchat.tasks.vocabulary import Vocabulary
 
