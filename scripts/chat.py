@@ -1,0 +1,267 @@
+"""Multi-turn chat with a trained checkpoint in the shared chat template (tasks/chat_template.py).
+
+Interactive (reads turns from stdin; the decoder streams its reply piece by piece):
+    python -m zhchat.scripts.chat --run_dir=runs/sft --vocab=out/spm.model \
+        [--system="你是一个乐于助人的助手。"] [--temperature=0.7 --top_k=0 --top_p=0.9 --max_new_tokens=256]
+  commands: /reset (forget the history), /quit (or end of input), /help
+Batch (one JSON object per line, {"messages": [...]} or {"prompt": "..."}, optional "system"):
+    python -m zhchat.scripts.chat --run_dir=... --vocab=... --batch_input=in.jsonl --batch_output=out.jsonl
+
+The model is rebuilt from `<run_dir>/config.gin` (or `--gin_file`/`--gin.KEY=VALUE`) and only the
+parameters are restored (trainer.checkpoints.restore_params): a checkpoint of another architecture or
+vocabulary size fails with a message saying so. Long histories are truncated from the left at turn
+boundaries to fit the model's context. The encoder-decoder answers whole replies (no streaming).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable, Iterator, TextIO
+
+import numpy as np
+
+from zhchat.tasks import chat_template as ct
+
+HELP = "commands: /reset forgets the history, /quit exits, /help shows this"
+
+
+class ChatSession:
+    """A model, its params and a vocabulary; `reply(messages)` streams the next assistant reply."""
+
+    def __init__(self, model: Any, params: Any, vocab: Any, *, max_new_tokens: int = 256,
+                 temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9, seed: int = 0,
+                 max_context: int | None = None):
+        import jax
+
+        from zhchat.models.decoder_model import DecoderOnlyModel
+        self.model, self.params, self.vocab = model, params, vocab
+        self.is_decoder = isinstance(model, DecoderOnlyModel)
+        model_vocab = model.config.vocab_size
+        if model_vocab < vocab.vocab_size:
+            raise ValueError(f"the model's vocabulary ({model_vocab}) is smaller than the tokenizer "
+                             f"{vocab.path} ({vocab.vocab_size}): checkpoint and tokenizer differ")
+        self.max_new_tokens, self.temperature, self.top_k, self.top_p = (
+            max_new_tokens, temperature, top_k, top_p)
+        limit = getattr(model.config, "max_len", None) or 512
+        self.max_context = min(max_context or limit, limit)
+        if self.max_context <= max_new_tokens + 8:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a "
+                             f"context of {self.max_context}")
+        self.rng = jax.random.key(seed)
+        self.stops = {vocab.im_end_id, vocab.eos_id}
+        self._fns: dict[tuple, Callable] = {}
+
+    def _prompt(self, messages: list[dict]) -> list[int]:
+        budget = self.max_context - self.max_new_tokens
+        if self.is_decoder:
+            return ct.encode_prompt(self.vocab, messages, max_len=budget)
+        return ct.encode_prompt(self.vocab, messages, max_len=budget - 1) + [self.vocab.eos_id]
+
+    def _decoder_fns(self, width: int, cache_len: int) -> tuple[Callable, Callable]:
+        import jax
+        import jax.numpy as jnp
+
+        from zhchat.models import decoding
+        key = (width, cache_len)
+        if key not in self._fns:
+            temperature, top_k, top_p = self.temperature, self.top_k, self.top_p
+
+            def prefill(params, tokens, mask, rng):
+                step = self.model.step_fn(params)
+                cache = self.model.init_cache(1, cache_len)
+                positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+                kv = jnp.concatenate([mask, jnp.zeros((1, cache_len - width), bool)], 1)
+                logits, cache = step(cache, tokens, positions, kv, None)
+                token = decoding.sample_logits(logits[:, -1], rng, temperature=temperature,
+                                               top_k=top_k, top_p=top_p)
+                return token, cache
+
+            def advance(params, cache, token, mask, position, t, rng):
+                step = self.model.step_fn(params)
+                # generated token t sits in slot width + t at position (prompt length + t)
+                gen = jnp.arange(cache_len - width)[None] <= t
+                kv = jnp.concatenate([mask, gen], 1)
+                logits, cache = step(cache, token[:, None], jnp.full((1, 1), position), kv, None)
+                nxt = decoding.sample_logits(logits[:, -1], rng, temperature=temperature,
+                                             top_k=top_k, top_p=top_p)
+                return nxt, cache
+            self._fns[key] = (jax.jit(prefill), jax.jit(advance))
+        return self._fns[key]
+
+    def stream(self, messages: list[dict]) -> Iterator[int]:
+        """Token ids of the next assistant reply, one at a time (the stop token not included)."""
+        import jax
+        import jax.numpy as jnp
+        prompt = self._prompt(messages)
+        self.rng, rng = jax.random.split(self.rng)
+        if not self.is_decoder:
+            out = self.model.predict_batch(
+                self.params, {"encoder_input_tokens": jnp.asarray([prompt], jnp.int32)}, rng,
+                max_decode_length=self.max_new_tokens, temperature=self.temperature,
+                top_k=self.top_k, top_p=self.top_p)
+            for t in np.asarray(out)[0].tolist():
+                if t in self.stops or t == self.vocab.pad_id:
+                    return
+                yield t
+            return
+        width = -(-len(prompt) // 32) * 32  # bucketed prompt width: few compilations
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, width - len(prompt):] = prompt
+        mask = np.zeros((1, width), bool)
+        mask[0, width - len(prompt):] = True
+        cache_len = width + self.max_new_tokens
+        prefill, advance = self._decoder_fns(width, cache_len)
+        mask = jnp.asarray(mask)
+        token, cache = prefill(self.params, jnp.asarray(tokens), mask,
+                               jax.random.fold_in(rng, 0))
+        for t in range(self.max_new_tokens):
+            tok = int(token[0])
+            if tok in self.stops:
+                return
+            yield tok
+            if t + 1 == self.max_new_tokens:
+                return
+            token, cache = advance(self.params, cache, token, mask, len(prompt) + t, t,
+                                   jax.random.fold_in(rng, t + 1))
+
+    def reply(self, messages: list[dict], out: TextIO | None = None) -> str:
+        """The whole reply text; with `out`, new text is written (and flushed) as it is decoded."""
+        ids: list[int] = []
+        shown = ""
+        for tok in self.stream(messages):
+            ids.append(tok)
+            text = self._text(ids)
+            if out is not None and not text.endswith("\ufffd") and len(text) > len(shown):
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+        text = self._text(ids)
+        if out is not None and len(text) > len(shown):
+            out.write(text[len(shown):])
+        return ct.reply_text(text)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.vocab.decode([self.vocab.im_end_id] + ids)[len(ct.IM_END):]
+
+
+def clean_user_text(text: str) -> str:
+    """User input may not forge turns: chat tokens are removed from it."""
+    return text.replace(ct.IM_START, "").replace(ct.IM_END, "")
+
+
+def interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, system: str | None) -> int:
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    print(f"zhchat — {HELP}", file=stdout)
+    while True:
+        stdout.write("用户> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            stdout.write("\n")
+            return 0
+        text = clean_user_text(line.rstrip("\n")).strip()
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            messages = list(base)
+            print("(history cleared)", file=stdout)
+            continue
+        if text == "/help" or not text:
+            print(HELP, file=stdout)
+            continue
+        messages.append({"role": "user", "content": text})
+        stdout.write("助手> ")
+        reply = session.reply(messages, out=stdout)
+        stdout.write("\n")
+        stdout.flush()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def batch(session: ChatSession, input_path: str, output_path: str) -> tuple[int, int]:
+    """jsonl in -> jsonl out; returns (answered, skipped). Bad lines are reported, not fatal."""
+    done = skipped = 0
+    with open(input_path, encoding="utf-8") as fin, open(output_path, "w", encoding="utf-8") as fout:
+        for lineno, line in enumerate(fin, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+                if record.get("system"):
+                    messages = [{"role": "system", "content": record["system"]}] + messages
+                ct.validate(messages)
+                if messages[-1]["role"] == "assistant":
+                    raise ct.ChatFormatError("the last message is already an assistant reply")
+                reply = session.reply(messages)
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError,
+                    ct.ChatFormatError) as e:
+                print(f"{input_path}:{lineno}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+                skipped += 1
+                continue
+            out = {"id": record.get("id", lineno), "messages": messages, "reply": reply}
+            fout.write(json.dumps(out, ensure_ascii=False) + "\n")
+            done += 1
+    return done, skipped
+
+
+def load_session(args: argparse.Namespace, gin_files: list[str], bindings: list[str]) -> ChatSession:
+    import jax
+
+    from zhchat.tasks.vocabulary import Vocabulary
+    from zhchat.trainer import checkpoints as ckpt_lib
+    from zhchat.trainer import gin_cli, partitioning
+
+    files = list(gin_files)
+    if not files:
+        config = os.path.join(args.run_dir, "config.gin")
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"{config} not found: pass --gin_file=<model preset> and the "
+                                    "bindings the run used (e.g. --gin.VOCAB_SIZE=...)")
+        files = [config]
+    gin_cli.parse_gin(files, bindings)
+    model = gin_cli.evaluate_macro("MODEL")
+    params, step = ckpt_lib.restore_params(os.path.join(args.run_dir, "checkpoints"), model,
+                                           partitioning.Partitioner(), jax.random.key(0))
+    print(f"loaded {args.run_dir} step {step}", file=sys.stderr)
+    return ChatSession(model, params, Vocabulary(args.vocab), max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed, max_context=args.max_context)
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None,
+         stdout: TextIO | None = None) -> int:
+    from zhchat.trainer import gin_cli
+    gin_files, bindings, rest = gin_cli.split_gin_args(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m zhchat.scripts.chat", description=__doc__.split("\n")[0])
+    p.add_argument("--run_dir", required=True)
+    p.add_argument("--vocab", required=True, help="the SentencePiece model the run was trained with")
+    p.add_argument("--system", default=None, help="system message opening every dialogue")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--max_context", type=int, default=None, help="default: the model's max_len")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_input", default=None)
+    p.add_argument("--batch_output", default=None)
+    args = p.parse_args(rest)
+    if bool(args.batch_input) != bool(args.batch_output):
+        p.error("--batch_input and --batch_output go together")
+    try:
+        session = load_session(args, gin_files, bindings)
+    except (FileNotFoundError, ValueError, gin_cli.GinConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.batch_input:
+        done, skipped = batch(session, args.batch_input, args.batch_output)
+        print(f"wrote {done} replies to {args.batch_output} ({skipped} lines skipped)", file=sys.stderr)
+        return 0
+    return interactive(session, stdin or sys.stdin, stdout or sys.stdout, args.system)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
