@@ -4,6 +4,9 @@ the temperature-scaled mixtures (rates and the inspect CLI's realized proportion
 
 import io
 
+import gin
+import jax
+import numpy as np
 import pytest
 
 from zhchat.tasks import metrics, multitask_prompts
@@ -109,3 +112,49 @@ def test_mixture_rates_are_temperature_scaled_and_inspect_shows_them(prompt_task
                                   num_examples=1, stats_examples=300, seed=0, out=out)
     assert "realized task proportions" in out.getvalue()
     assert set(result["proportions"]) <= set(rates) and len(result["proportions"]) >= 5
+
+
+class _Oracle:
+    """A stand-in generator that answers each prompt with the task's target tokens: checks the
+    evaluator's wiring (batching, decoding, postprocessing, metric_fns) end to end."""
+
+    def __init__(self, answers):
+        self.config = type("C", (), {"max_len": 1024})()
+        self.answers = answers
+
+    def predict_batch(self, params, batch, rng, *, max_decode_length):
+        rows = [self.answers[tuple(int(t) for t in r if t)] for r in
+                np.asarray(batch["decoder_input_tokens"])]
+        out = np.zeros((len(rows), max_decode_length), np.int32)
+        for i, r in enumerate(rows):
+            out[i, :min(len(r), max_decode_length)] = r[:max_decode_length]
+        return out
+
+
+def test_seqio_eval_scores_generations_with_the_task_metrics(prompt_tasks, spm_models):
+    from zhchat.models.decoder_model import DecoderOnlyModel
+    from zhchat.tasks import seqio_eval, sft
+    from zhchat.trainer import gin_cli
+    examples = list(sft.iter_examples("zh_prompt_eprstmt", "validation", log=False))[:24]
+    oracle = _Oracle({tuple(e["inputs"]): e["targets"] for e in examples})
+    perfect = seqio_eval.evaluate_task("zh_prompt_eprstmt", model=oracle, params=None,
+                                       max_examples=24, batch_size=8)
+    assert perfect == {"num_examples": 24.0, "accuracy": 100.0, "macro_f1": 100.0,
+                       "invalid_rate": 0.0}
+    gin.clear_config()
+    gin_cli.parse_gin(["models/decoder_tiny.gin"], ["VOCAB_SIZE = 3200"])
+    model = gin_cli.evaluate_macro("MODEL")
+    gin.clear_config()
+    assert isinstance(model, DecoderOnlyModel)
+    params = nn_unbox(model.init_params(jax.random.key(0), {"decoder_input_tokens": (1, 8)}))
+    hook = seqio_eval.make_eval_hook(tasks=["zh_prompt_eprstmt"], model=model, max_examples=8,
+                                     batch_size=8, max_decode_length=4)
+    random_model = hook(0, params)
+    assert random_model["zh_prompt_eprstmt/num_examples"] == 8.0
+    assert 0.0 <= random_model["zh_prompt_eprstmt/accuracy"] <= 100.0
+    assert random_model["zh_prompt_eprstmt/invalid_rate"] > 50.0  # an untrained model names no label
+
+
+def nn_unbox(tree):
+    from flax import linen as nn
+    return nn.unbox(tree)
