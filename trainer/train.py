@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import gin
@@ -161,7 +161,8 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
           microbatches: int = 1, seq_len: int | None = None, eval_every: int = 0,
           eval_steps: int = 10, log_every: int = 10, checkpoint_every: int = 1000,
           keep_checkpoints: int | None = 3, async_checkpointing: bool = True,
-          run_dir: str | None = None, init_checkpoint_dir: str | None = None, seed: int = 0,
+          run_dir: str | None = None, init_checkpoint_dir: str | None = None,
+          eval_hooks: Sequence[Callable[[int, Any], Mapping[str, float]]] = (), seed: int = 0,
           peak_flops_per_device: float = metrics_lib.H100_BF16_PEAK_FLOPS,
           progress_bar: bool = True, dry_run: bool = False) -> dict[str, Any]:
     """Trains `model` for `num_steps` (global batch `batch_size` split into `microbatches`).
@@ -173,6 +174,8 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
     Returns {"step", "loss" (last logged), "history" (one dict per log),
     "eval_history", "num_params", "state" (the final TrainState)};
     with `dry_run` only prints the model/mesh report and returns {"num_params", "report"}.
+    `eval_hooks` are called as hook(step, params) -> {name: value} every `eval_every` steps, beside
+    the loss eval (for metrics that need generation, e.g. tasks/seqio_eval.make_eval_hook).
     """
     partitioner = partitioner or partitioning.Partitioner()
     tx = optimizer or optimizers.make_optimizer()
@@ -286,8 +289,10 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                 history.append({"step": done, **scalars})
                 window, t_start, timed_steps = [], time.perf_counter(), 0
             paused = time.perf_counter()  # eval and checkpoint time is not training throughput
-            if eval_every and done % eval_every == 0 and eval_runner.enabled:
-                results = eval_runner(state.params)
+            if eval_every and done % eval_every == 0 and (eval_runner.enabled or eval_hooks):
+                results = eval_runner(state.params) if eval_runner.enabled else {}
+                for hook in eval_hooks:  # e.g. seqio metric evaluation (generate -> metric_fns)
+                    results.update(hook(done, state.params))
                 writer.write(done, results, prefix="eval")
                 eval_history.append({"step": done, **results})
             if checkpointer is not None:
