@@ -5,10 +5,11 @@ hashes, line hashes, signatures) travels as numpy arrays grouped into `index_sha
 shuffle moves a few thousand arrays instead of millions of tuples. Steps:
   1. Sketch (ParDo over batches): signature, band hashes, text hash, line hashes per document.
   2. Buckets (GroupByKey on band-hash shard): docs sharing a band or a text hash -> candidate pairs.
-  3. Verify (two CoGroupByKeys with the signature shards): keep pairs with estimated Jaccard >=
-     threshold or equal text hash.
+  3. Verify (two CoGroupByKeys with the signature shards, which carry only `verify_bits` low bits
+     of each bin): keep pairs with estimated Jaccard >= threshold or equal text hash.
   4. Components (one worker; the verified pairs are small): union-find, one keeper per cluster chosen
-     deterministically (longest text, then earlier source in the config, then smaller id).
+     deterministically (longest text, then earlier source in the config, then smaller id). Previews
+     are joined afterwards for the few members the report shows.
   5. Lines (GroupByKey on line-hash shard, survivors only): every later copy of a line of at least
      `line_min_chars` characters is marked for removal (keeps the first in (source, doc, line) order).
 """
