@@ -8,7 +8,9 @@
 3. pretrains the demo decoder for half its steps, stops, then runs again: the second run resumes from
    the orbax checkpoint (step, optimizer and data position) and finishes;
 4. samples Chinese continuations with the KV-cache sampler;
-5. pretrains the demo T5 on span corruption and lets it fill sentinel spans.
+5. pretrains the demo T5 on span corruption and lets it fill sentinel spans;
+6. when the SFT data folder beside the checkout is present (../shared/data/sft; Alpaca-zh is for
+   non-commercial research only), fine-tunes the decoder on instructions and prints a chat exchange.
 Every stage is the same code the CLIs run, wired by the gin files under gin_configs/.
 """
 
@@ -25,12 +27,18 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "data", "demo")
+SFT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "sft")  # beside the checkout
 PROMPTS = ["子曰：", "中国人民", "天下大势，", "我们今天", "秦始皇"]
 SPAN_TEXTS = ["子曰：学而时习之，<extra_id_0>亦说乎？", "中国共产党<extra_id_0>全国人民<extra_id_1>。"]
 
 
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
+
+
+def _first_loss(summary: dict[str, Any]) -> float:
+    """The first logged loss of a train() call (NaN when a rerun found the run already finished)."""
+    return summary["history"][0]["loss"] if summary["history"] else float("nan")
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
@@ -55,16 +63,16 @@ def train_tokenizer(out_dir: str, vocab_size: int) -> str:
 
 
 def export(task_gin: str, vocab_path: str, task: str, out: str, lengths: dict[str, int],
-           converter: str) -> str:
+           converter: str, bindings: tuple[str, ...] = (), max_examples: int | None = None) -> str:
     """Registers the gin file's tasks and caches `task`'s train split (once)."""
     from zhchat.tasks import cache, lm
 
     gin.clear_config()
-    lm.parse_gin([task_gin], [f"VOCAB_PATH = '{vocab_path}'"])
+    lm.parse_gin([task_gin], [f"VOCAB_PATH = '{vocab_path}'", *bindings])
     lm.register_tasks()
     if not os.path.exists(os.path.join(out, "metadata.json")):
         meta = cache.export_cache(task=task, split="train", output_dir=out, feature_lengths=lengths,
-                                  converter=converter, num_shards=2)
+                                  converter=converter, num_shards=2, max_examples=max_examples)
         print(f"cached {meta['num_examples']} packed examples of {task} in {out}", flush=True)
     return out
 
@@ -92,6 +100,33 @@ def sample(model: Any, params: Any, vocab: Any, prompts: list[str], seed: int = 
     return [vocab.decode([t for t in row.tolist() if t > 1]) for row in np.asarray(out)]
 
 
+def run_sft(args: argparse.Namespace, out: str, vocab_path: str, vocab: Any, model_vocab: int,
+            pretrained_run: str) -> None:
+    """SFT from the pretrained decoder's parameters (fresh optimizer), loss on replies only."""
+    from zhchat.scripts.chat import ChatSession
+    from zhchat.trainer import gin_cli
+
+    lengths = ("SFT_INPUTS_LENGTH = 64", "SFT_TARGETS_LENGTH = 64")
+    sft_cache = export("gin_configs/tasks/sft.gin", vocab_path, "zh_sft_alpaca",
+                       os.path.join(out, "cache", "sft_train"), {"inputs": 64, "targets": 64},
+                       "prefix_lm", bindings=lengths, max_examples=2000)
+    bindings = [f"VOCAB_SIZE = {model_vocab}", f"TRAIN_CACHE_DIR = '{sft_cache}'",
+                f"RUN_DIR = '{os.path.join(out, 'sft')}'", f"NUM_STEPS = {args.sft_steps}",
+                f"PRETRAINED_DIR = '{os.path.join(pretrained_run, 'checkpoints')}'",
+                f"BATCH_SIZE = {args.batch_size}", "train.log_every = 25",
+                f"train.checkpoint_every = {args.sft_steps}", "train.eval_every = 0",
+                "make_schedule.peak_value = 1e-3", "make_schedule.warmup_steps = 10"]
+    sft = run_training(["models/decoder_demo.gin", "runs/sft.gin"], bindings, args.sft_steps)
+    print(f"SFT finished at step {sft['step']}, reply-token loss {_first_loss(sft):.3f} "
+          f"-> {sft['loss']:.3f}", flush=True)
+    session = ChatSession(gin_cli.evaluate_macro("MODEL"), sft["state"].params, vocab,
+                          max_new_tokens=40, temperature=0.7, top_k=20)
+    question = "请介绍一下中国的首都。"
+    print(f"  user: {question}\n  assistant: ", end="", flush=True)
+    session.reply([{"role": "user", "content": question}], out=sys.stdout)
+    print(flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zhchat.scripts.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab_size", type=int, default=8000)
     p.add_argument("--steps", type=int, default=300, help="decoder pretraining steps")
     p.add_argument("--t5_steps", type=int, default=200, help="T5 span-corruption steps (0 skips)")
+    p.add_argument("--sft_steps", type=int, default=100, help="instruction SFT steps (0 skips)")
     p.add_argument("--batch_size", type=int, default=16)
     args = p.parse_args(argv)
     os.chdir(REPO)  # gin files name data/demo relative to the repository root
@@ -129,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"first run stopped at step {first['step']}, loss {first['loss']:.3f}", flush=True)
     second = run_training(gins, common, args.steps)
     print(f"resumed run finished at step {second['step']}, loss {second['loss']:.3f} "
-          f"(started at {second['history'][0]['loss']:.3f} after resuming)", flush=True)
+          f"(started at {_first_loss(second):.3f} after resuming)", flush=True)
 
     _banner("4. Sample continuations (KV cache, top-k 20, temperature 0.8)")
     from zhchat.trainer import gin_cli
@@ -154,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"make_schedule.decay_steps = {args.t5_steps}"]
         t5 = run_training(["models/t5_demo.gin", "runs/t5_span_corruption.gin"], t5_bindings,
                           args.t5_steps)
-        print(f"T5 finished at step {t5['step']}, loss {t5['history'][0]['loss']:.3f} -> "
+        print(f"T5 finished at step {t5['step']}, loss {_first_loss(t5):.3f} -> "
               f"{t5['loss']:.3f}", flush=True)
         from zhchat.models.encdec_model import fill_spans
 
@@ -162,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         for text in SPAN_TEXTS:
             filled, spans = fill_spans(t5_model, t5["state"].params, vocab, text)
             print(f"  {text} -> {filled}   spans: {spans}", flush=True)
+
+    if args.sft_steps and os.path.isdir(SFT_DATA):
+        _banner("6. Instruction SFT of the decoder (Alpaca-zh), then one chat exchange")
+        run_sft(args, out, vocab_path, vocab, model_vocab, run_dir)
+    elif args.sft_steps:
+        print(f"\n(skipping SFT: {SFT_DATA} is not present)", flush=True)
 
     print(f"\ndemo finished in {time.time() - t0:.0f} s; runs, checkpoints and metrics under {out}",
           flush=True)
