@@ -10,7 +10,6 @@ tokens only (batch × new_tokens / wall time of the whole call, prefill included
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -117,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                  new_tokens=args.new_tokens, median_s=statistics.median(r["times"]))
         r["tokens_per_s"] = args.batch * args.new_tokens / r["median_s"]
         results[name] = r
-        print(json.dumps(r), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(r) + "\n")
+        workloads.emit(r, args.out)
     if "ours" in results and "hf" in results:
         print(f"{w.name}: ours {results['ours']['tokens_per_s']:.0f} tok/s, HF "
               f"{results['hf']['tokens_per_s']:.0f} tok/s, ratio "

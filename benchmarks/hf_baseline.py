@@ -11,7 +11,6 @@ benchmarks/train_throughput.py. Decoding throughput lives in benchmarks/decode_t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -140,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                                inputs_len=args.inputs_len)
     result = run(w, steps=args.steps, warmup=args.warmup, compile_model=args.compile,
                  device=device, bindings=tuple(bindings))
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    workloads.emit(result, args.out)
     return 0
 
 

@@ -12,7 +12,6 @@ attention counted as half), peak device memory and compile time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -105,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                  microbatches=args.microbatches, bindings=bindings)
     if not np.isfinite(result["loss_last"]):
         print(f"non-finite loss {result['loss_last']}", file=sys.stderr)
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    workloads.emit(result, args.out)
     return 0
 
 

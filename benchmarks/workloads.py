@@ -8,6 +8,7 @@ config, which the HF baseline translates into the equivalent transformers config
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -90,3 +91,12 @@ def flops_per_example(model: Any, workload: Workload) -> float:
 def tokens_per_example(workload: Workload) -> int:
     """Tokens one example carries through the model (encoder inputs + decoder targets)."""
     return workload.seq_len + workload.inputs_len
+
+
+def emit(result: dict[str, Any], out: str | None) -> None:
+    """Prints a result as one json line and appends it to `out` when given."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")

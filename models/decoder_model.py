@@ -43,6 +43,27 @@ def cross_entropy_with_logits(logits: jnp.ndarray, targets: jnp.ndarray, *, z_lo
     return ce, z_loss * jnp.square(log_z)
 
 
+def weighted_token_loss(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, *,
+                        z_loss: float = 0.0, label_smoothing: float = 0.0
+                        ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """(loss, metrics) of a batch: cross-entropy + z-loss averaged over the weighted target tokens.
+
+    Metrics `loss`, `cross_entropy`, `z_loss`, `accuracy` are token means and `num_tokens` the weight
+    sum, so gradient accumulation can combine microbatches by weighting means with `num_tokens`.
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+    ce, zl = cross_entropy_with_logits(logits, targets, z_loss=z_loss,
+                                       label_smoothing=label_smoothing)
+    num_tokens = jnp.sum(weights)
+    denom = jnp.maximum(num_tokens, 1.0)
+    ce_mean = jnp.sum(ce * weights) / denom
+    z_mean = jnp.sum(zl * weights) / denom
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    loss = ce_mean + z_mean
+    return loss, {"loss": loss, "cross_entropy": ce_mean, "z_loss": z_mean,
+                  "accuracy": jnp.sum(correct * weights) / denom, "num_tokens": num_tokens}
+
+
 @gin.configurable
 class DecoderOnlyModel(BaseModel):
     """Causal / prefix LM wrapper: loss_fn, score_batch, predict_batch, FLOPs and parameter counts."""
@@ -103,19 +124,9 @@ class DecoderOnlyModel(BaseModel):
         if missing:
             raise KeyError(f"DecoderOnlyModel.loss_fn: batch lacks {missing}; has {sorted(batch)}")
         logits = self._logits(params, batch)
-        targets = batch["decoder_target_tokens"]
-        weights = jnp.asarray(batch["decoder_loss_weights"], jnp.float32)
-        ce, zl = cross_entropy_with_logits(logits, targets, z_loss=self.z_loss,
-                                           label_smoothing=self.label_smoothing)
-        num_tokens = jnp.sum(weights)
-        denom = jnp.maximum(num_tokens, 1.0)
-        ce_mean = jnp.sum(ce * weights) / denom
-        z_mean = jnp.sum(zl * weights) / denom
-        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-        loss = ce_mean + z_mean
-        metrics = {"loss": loss, "cross_entropy": ce_mean, "z_loss": z_mean,
-                   "accuracy": jnp.sum(correct * weights) / denom, "num_tokens": num_tokens}
-        return loss, metrics
+        return weighted_token_loss(logits, batch["decoder_target_tokens"],
+                                   batch["decoder_loss_weights"], z_loss=self.z_loss,
+                                   label_smoothing=self.label_smoothing)
 
     def score_batch(self, params: Params, batch: Batch) -> jnp.ndarray:
         """Summed log p(target) over weighted tokens of each row: [batch] (no smoothing, no z-loss)."""

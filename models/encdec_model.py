@@ -21,7 +21,7 @@ import numpy as np
 
 from zhchat.models import encdec_decoding
 from zhchat.models.base_model import Batch, BaseModel, Params
-from zhchat.models.decoder_model import cross_entropy_with_logits
+from zhchat.models.decoder_model import cross_entropy_with_logits, weighted_token_loss
 from zhchat.models.t5 import T5, T5Config
 
 _REQUIRED = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
@@ -98,18 +98,9 @@ class EncoderDecoderModel(BaseModel):
         if missing:
             raise KeyError(f"EncoderDecoderModel.loss_fn: batch lacks {missing}; has {sorted(batch)}")
         logits = self._logits(params, batch, dropout_rng)
-        targets = batch["decoder_target_tokens"]
-        weights = jnp.asarray(batch["decoder_loss_weights"], jnp.float32)
-        ce, zl = cross_entropy_with_logits(logits, targets, z_loss=self.z_loss,
-                                           label_smoothing=self.label_smoothing)
-        num_tokens = jnp.sum(weights)
-        denom = jnp.maximum(num_tokens, 1.0)
-        ce_mean = jnp.sum(ce * weights) / denom
-        z_mean = jnp.sum(zl * weights) / denom
-        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-        loss = ce_mean + z_mean
-        return loss, {"loss": loss, "cross_entropy": ce_mean, "z_loss": z_mean,
-                      "accuracy": jnp.sum(correct * weights) / denom, "num_tokens": num_tokens}
+        return weighted_token_loss(logits, batch["decoder_target_tokens"],
+                                   batch["decoder_loss_weights"], z_loss=self.z_loss,
+                                   label_smoothing=self.label_smoothing)
 
     def score_batch(self, params: Params, batch: Batch) -> jnp.ndarray:
         """Summed log p(target | inputs) over the weighted target tokens of each row: [batch]."""

@@ -209,23 +209,11 @@ def batch(session: ChatSession, input_path: str, output_path: str) -> tuple[int,
 
 
 def load_session(args: argparse.Namespace, gin_files: list[str], bindings: list[str]) -> ChatSession:
-    import jax
-
+    """The run's model (its config.gin or the given gin files) with the latest checkpoint's params."""
+    from zhchat.scripts.infer import load
     from zhchat.tasks.vocabulary import Vocabulary
-    from zhchat.trainer import checkpoints as ckpt_lib
-    from zhchat.trainer import gin_cli, partitioning
 
-    files = list(gin_files)
-    if not files:
-        config = os.path.join(args.run_dir, "config.gin")
-        if not os.path.isfile(config):
-            raise FileNotFoundError(f"{config} not found: pass --gin_file=<model preset> and the "
-                                    "bindings the run used (e.g. --gin.VOCAB_SIZE=...)")
-        files = [config]
-    gin_cli.parse_gin(files, bindings)
-    model = gin_cli.evaluate_macro("MODEL")
-    params, step = ckpt_lib.restore_params(os.path.join(args.run_dir, "checkpoints"), model,
-                                           partitioning.Partitioner(), jax.random.key(0))
+    model, params, step = load(args.run_dir, None, gin_files, bindings, None)
     print(f"loaded {args.run_dir} step {step}", file=sys.stderr)
     return ChatSession(model, params, Vocabulary(args.vocab), max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
