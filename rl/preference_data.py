@@ -55,7 +55,10 @@ class PreferenceExamples:
     """Tokenized preference lists from jsonl files (see the module docstring), skips counted."""
 
     def __init__(self, *, files: str | Sequence[str] = gin.REQUIRED, vocab: Vocabulary = gin.REQUIRED,
-                 max_prompt_len: int = 256, max_response_len: int = 256, max_responses: int = 2):
+                 max_prompt_len: int = 256, max_response_len: int = 256, max_responses: int = 2,
+                 split: str = "all", validation_every: int = 10):
+        if split not in ("all", "train", "validation"):
+            raise ValueError(f"PreferenceExamples.split={split!r}: expected 'all', 'train' or 'validation'")
         self.vocab, self.max_prompt_len, self.max_response_len = vocab, max_prompt_len, max_response_len
         self.max_responses = max_responses
         self.skips = SkipCounter()
@@ -64,7 +67,8 @@ class PreferenceExamples:
         for path in expand_files(files):
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
-                    if line.strip():
+                    held_out = n % validation_every == 0  # every 10th line: the validation split
+                    if line.strip() and (split == "all" or held_out == (split == "validation")):
                         self._add(line, f"{path}:{n}")
         if not self.examples:
             raise ValueError(f"PreferenceExamples: no usable record in {files} (skipped: {self.skips})")
@@ -148,6 +152,14 @@ def collate(examples: Sequence[dict], *, encoder_decoder: bool, prompt_len: int,
     return out
 
 
+def _shard(examples: PreferenceExamples, batch_size: int, index: int, count: int) -> np.ndarray:
+    idx = np.arange(len(examples))[index::count]
+    if len(idx) < batch_size:
+        raise ValueError(f"preference data: {len(idx)} usable examples in this shard, fewer than "
+                         f"the batch size {batch_size} ({examples.report()})")
+    return idx
+
+
 @gin.configurable
 def make_preference_iterator(*, examples: PreferenceExamples = gin.REQUIRED, batch_size: int,
                              seed: int = 0, shard_index: int = 0, shard_count: int = 1,
@@ -156,7 +168,7 @@ def make_preference_iterator(*, examples: PreferenceExamples = gin.REQUIRED, bat
                              ) -> Iterator[dict[str, np.ndarray]]:
     """Trainer-style factory (train.train_data): endless (or `num_epochs`) shuffled batches of this
     process's shard, lengths fixed by the examples' max_prompt_len / max_response_len."""
-    idx = np.arange(len(examples))[shard_index::shard_count]
+    idx = _shard(examples, batch_size, shard_index, shard_count)
     rng = np.random.default_rng(seed)
     epoch = 0
     while num_epochs is None or epoch < num_epochs:
@@ -173,7 +185,7 @@ def make_prompt_iterator(*, examples: PreferenceExamples = gin.REQUIRED, batch_s
                          seed: int = 0, shard_index: int = 0, shard_count: int = 1
                          ) -> Iterator[dict[str, np.ndarray]]:
     """PPO prompts {"prompt_tokens": [batch, max_prompt_len]} (right-padded; PPO left-aligns)."""
-    idx = np.arange(len(examples))[shard_index::shard_count]
+    idx = _shard(examples, batch_size, shard_index, shard_count)
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(idx)
