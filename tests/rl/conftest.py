@@ -16,3 +16,12 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield
     jax.config.update("jax_compilation_cache_dir", None)
+
+
+@pytest.fixture(autouse=True)
+def no_gin_leftovers():
+    """Gin bindings parsed by a test (the CLI test) must not configure the next test's objects."""
+    import gin
+    gin.clear_config()
+    yield
+    gin.clear_config()
