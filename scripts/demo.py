@@ -10,7 +10,9 @@
 4. samples Chinese continuations with the KV-cache sampler;
 5. pretrains the demo T5 on span corruption and lets it fill sentinel spans;
 6. when the SFT data folder beside the checkout is present (../shared/data/sft; Alpaca-zh is for
-   non-commercial research only), fine-tunes the decoder on instructions and prints a chat exchange.
+   non-commercial research only), fine-tunes the decoder on instructions and prints a chat exchange;
+7. trains a tiny reward model on preference pairs with a planted preference, then runs PPO against
+   it (KL to a frozen reference) and prints the mean reward per iteration going up.
 Every stage is the same code the CLIs run, wired by the gin files under gin_configs/.
 """
 
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="decoder pretraining steps")
     p.add_argument("--t5_steps", type=int, default=200, help="T5 span-corruption steps (0 skips)")
     p.add_argument("--sft_steps", type=int, default=100, help="instruction SFT steps (0 skips)")
+    p.add_argument("--ppo_iterations", type=int, default=30, help="RM + PPO stage (0 skips)")
     p.add_argument("--batch_size", type=int, default=16)
     args = p.parse_args(argv)
     os.chdir(REPO)  # gin files name data/demo relative to the repository root
@@ -204,6 +207,18 @@ def main(argv: list[str] | None = None) -> int:
         run_sft(args, out, vocab_path, vocab, model_vocab, run_dir)
     elif args.sft_steps:
         print(f"\n(skipping SFT: {SFT_DATA} is not present)", flush=True)
+
+    if args.ppo_iterations:
+        _banner("7. Reward model, then PPO against it (tiny models, planted preference)")
+        from zhchat.rl.demo import run_rm_and_ppo
+
+        gin.clear_config()  # the RL stage wires its tiny models in Python, not from gin
+        rl = run_rm_and_ppo(os.path.join(out, "rl"), ppo_iterations=args.ppo_iterations)
+        curve = rl["reward_curve"]
+        print(f"reward model pairwise accuracy {rl['rm_accuracy']:.3f}", flush=True)
+        print("PPO mean reward per iteration: " + " ".join(f"{r:.2f}" for r in curve), flush=True)
+        print(f"mean reward {curve[0]:.2f} -> {curve[-1]:.2f}, KL to the reference "
+              f"{rl['kl_curve'][-1]:.2f} nats", flush=True)
 
     print(f"\ndemo finished in {time.time() - t0:.0f} s; runs, checkpoints and metrics under {out}",
           flush=True)

@@ -105,7 +105,13 @@ def restore_params_only(directory: str, abstract_params: Any, step: int | None =
                          f"(another architecture or vocabulary size?): {str(e)[:500]}") from e
     finally:
         manager.close()
-    return restored["state"]["params"], step
+    params = restored["state"]["params"]
+    missing = [jax.tree_util.keystr(path) for path, x in
+               jax.tree_util.tree_flatten_with_path(params)[0] if not isinstance(x, jax.Array)]
+    if missing:  # partial restore leaves parameters the checkpoint lacks as abstract values
+        raise ValueError(f"checkpoint {directory}/{step} lacks {len(missing)} parameter(s) of this "
+                         f"model (another architecture?), e.g. {missing[:3]}")
+    return params, step
 
 
 def restore_params(directory: str, model: Any, partitioner: Any, rng: jax.Array,

@@ -198,8 +198,11 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
             data_it.set_state(start_data_state)
         else:
             first = next(data_it)
-        seq_len = int(np.asarray(first["decoder_input_tokens"]).shape[1])
+        # [batch, len], or [batch, K, len] for K responses per example (reward models, DPO)
+        example_shape = np.asarray(first["decoder_input_tokens"]).shape[1:]
+        seq_len = int(example_shape[-1])
     seq_len = seq_len or 2048
+    tokens_per_example = math.prod(example_shape) if first is not None else seq_len
     micro = batch_size // microbatches
     if first is not None:  # the real features (encoder ones too, for encoder-decoder models)
         shapes = {k: (micro,) + np.asarray(v).shape[1:] for k, v in first.items()}
@@ -279,7 +282,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                 scalars = metrics_lib.mean_metrics(window)
                 if timed_steps:
                     scalars.update(metrics_lib.throughput(
-                        tokens=timed_steps * batch_size * seq_len,
+                        tokens=timed_steps * batch_size * tokens_per_example,
                         seconds=time.perf_counter() - t_start,
                         flops_per_token=flops_per_token, num_devices=jax.device_count(),
                         peak_flops_per_device=peak_flops_per_device))

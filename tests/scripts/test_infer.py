@@ -93,3 +93,15 @@ def test_infer_rejects_a_bigger_vocabulary_and_a_missing_checkpoint(pretrained, 
     rc = infer.main([f"--checkpoint_dir={tmp_path / 'none'}", "--gin_file=models/decoder_tiny.gin",
                      f"--vocab={spm_models['bpe']}", "--input=-"])
     assert rc == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_restoring_into_another_architecture_fails_clearly(pretrained):
+    from zhchat.trainer import checkpoints, partitioning
+    run_dir, _ = pretrained
+    gin.clear_config()
+    gin_cli.parse_gin(["models/t5_tiny.gin"], [f"VOCAB_SIZE = {VOCAB}"])
+    t5 = gin_cli.evaluate_macro("MODEL")
+    gin.clear_config()
+    with pytest.raises(ValueError, match="another architecture"):
+        checkpoints.restore_params(f"{run_dir}/checkpoints", t5, partitioning.Partitioner(),
+                                   jax.random.key(0))
