@@ -67,11 +67,18 @@ def evaluate_task(task: str, *, model: Any, params: Any, split: str = "validatio
 def make_eval_hook(*, tasks: Sequence[str] = gin.REQUIRED, model: Any = gin.REQUIRED,
                    split: str = "validation", max_examples: int | None = 200,
                    batch_size: int = 16, max_decode_length: int = 16) -> Callable[[int, Any], dict]:
-    """A `(step, params) -> metrics` callable evaluating `tasks` (for a training run's eval hook)."""
+    """A `(step, params) -> metrics` callable evaluating `tasks` (for a training run's eval hook);
+    a mixture name stands for its tasks."""
+    names = []
+    for name in tasks:
+        provider = seqio.get_mixture_or_task(name)
+        members = [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [name]
+        names += [m for m in members if m not in names]
+
     def hook(step: int, params: Any) -> dict[str, float]:
         del step
         out = {}
-        for task in tasks:
+        for task in names:
             for k, v in evaluate_task(task, model=model, params=params, split=split,
                                       max_examples=max_examples, batch_size=batch_size,
                                       max_decode_length=max_decode_length).items():
