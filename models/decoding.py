@@ -46,6 +46,23 @@ def sample_logits(logits: Array, rng: Array, *, temperature: float = 0.0, top_k:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def sample_and_record(logits: Array, rng: Array, t: Array, out: Array, log_probs: Array,
+                      done: Array, *, temperature: float, top_k: int, top_p: float,
+                      eos_id: int | None, pad_id: int) -> tuple[Array, Array, Array, Array]:
+    """One sampling step of a decode loop: samples from fp32 `logits` [batch, vocab], writes the token
+    (pad after EOS) and its log-prob under softmax(logits / temperature) at column `t`, and updates
+    the per-row done flags. Returns (token, out, log_probs, done)."""
+    token = sample_logits(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+    scaled = logits / (temperature if temperature > 0 else 1.0)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(scaled), token[:, None], axis=1)[:, 0]
+    token = jnp.where(done, pad_id, token)
+    out = out.at[:, t].set(token)
+    log_probs = log_probs.at[:, t].set(jnp.where(done, 0.0, lp))
+    if eos_id is not None:
+        done = done | (token == eos_id)
+    return token, out, log_probs, done
+
+
 def decode(step_fn: StepFn, cache: Any, prompt_tokens: Array, rng: Array, *,
            max_decode_length: int, prompt_mask: Array | None = None, prefix: Array | None = None,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -81,15 +98,9 @@ def decode(step_fn: StepFn, cache: Any, prompt_tokens: Array, rng: Array, *,
 
     def body(state):
         t, cache, logits, out, log_probs, done = state
-        token = sample_logits(logits, jax.random.fold_in(rng, t), temperature=temperature,
-                              top_k=top_k, top_p=top_p)
-        scaled = logits / (temperature if temperature > 0 else 1.0)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(scaled), token[:, None], axis=1)[:, 0]
-        token = jnp.where(done, pad_id, token)
-        out = out.at[:, t].set(token)
-        log_probs = log_probs.at[:, t].set(jnp.where(done, 0.0, lp))
-        if eos_id is not None:
-            done = done | (token == eos_id)
+        token, out, log_probs, done = sample_and_record(
+            logits, jax.random.fold_in(rng, t), t, out, log_probs, done, temperature=temperature,
+            top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
         next_logits, cache = step_fn(cache, token[:, None], (lengths + t)[:, None], kv_mask_at(t), None)
         return t + 1, cache, next_logits[:, 0].astype(jnp.float32), out, log_probs, done
 

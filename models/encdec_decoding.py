@@ -42,16 +42,9 @@ def sample_decode(step_fn: StepFn, cache: Any, rng: Array, *, batch_size: int, m
     def body(state):
         t, cache, last, out, log_probs, done = state
         logits, cache = step_fn(cache, last[:, None])
-        logits = logits.astype(jnp.float32)
-        token = decoding.sample_logits(logits, jax.random.fold_in(rng, t), temperature=temperature,
-                                       top_k=top_k, top_p=top_p)
-        scaled = logits / (temperature if temperature > 0 else 1.0)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(scaled), token[:, None], axis=1)[:, 0]
-        token = jnp.where(done, pad_id, token)
-        out = out.at[:, t].set(token)
-        log_probs = log_probs.at[:, t].set(jnp.where(done, 0.0, lp))
-        if eos_id is not None:
-            done = done | (token == eos_id)
+        token, out, log_probs, done = decoding.sample_and_record(
+            logits.astype(jnp.float32), jax.random.fold_in(rng, t), t, out, log_probs, done,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
         return t + 1, cache, token, out, log_probs, done
 
     def cond(state):

@@ -106,26 +106,17 @@ def iter_sharegpt(files: str | Sequence[str], counter: sources.SkipCounter, *,
                   system: str | None = None) -> Iterator[tuple[str, list[dict]]]:
     """(id, messages) of every usable conversation of the ShareGPT JSON-lines files/globs."""
     for path in sources.expand_files(files):
-        name = os.path.basename(path)
-        for lineno, line in sources._iter_lines(path, counter):  # noqa: SLF001 (shared reader)
-            if not line.strip():
-                counter.add("blank_line", f"{name}:{lineno}")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                counter.add("broken_json", f"{name}:{lineno}")
-                continue
+        for where, record in sources.iter_json_records(path, counter):
             messages, reason = sharegpt_messages(record, system=system)
             if messages is None:
-                counter.add(reason, f"{name}:{lineno}")
+                counter.add(reason, where)
                 continue
             try:
                 ct.validate(messages)
             except ct.ChatFormatError as e:
-                counter.add("bad_dialogue", f"{name}:{lineno} ({e})")
+                counter.add("bad_dialogue", f"{where} ({e})")
                 continue
-            yield f"{name}:{lineno}", messages
+            yield where, messages
 
 
 READERS = {"alpaca": iter_alpaca, "sharegpt": iter_sharegpt}

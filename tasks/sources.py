@@ -16,7 +16,7 @@ import gzip
 import json
 import os
 import zlib
-from typing import IO, Iterable, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 FORMATS = ("jsonl", "txt_lines", "txt_blocks", "txt_file", "pku_tagged")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -101,24 +101,29 @@ def _iter_lines(path: str, counter: SkipCounter) -> Iterator[tuple[int, str]]:
         counter.add("empty_file", name)
 
 
-def _read_jsonl(path: str, text_field: str, id_field: str, counter: SkipCounter
-                ) -> Iterator[dict]:
+def iter_json_records(path: str, counter: SkipCounter) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed value) of every line of a JSON-lines file; blank lines, broken JSON and
+    the decoding problems of `_iter_lines` are counted in `counter` and skipped."""
     name = os.path.basename(path)
     for lineno, line in _iter_lines(path, counter):
         if not line.strip():
             counter.add("blank_line", f"{name}:{lineno}")
             continue
         try:
-            record = json.loads(line)
+            yield f"{name}:{lineno}", json.loads(line)
         except json.JSONDecodeError:
             counter.add("broken_json", f"{name}:{lineno}")
-            continue
+
+
+def _read_jsonl(path: str, text_field: str, id_field: str, counter: SkipCounter
+                ) -> Iterator[dict]:
+    for where, record in iter_json_records(path, counter):
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            counter.add(f"missing_text_field:{text_field}", f"{name}:{lineno}")
+            counter.add(f"missing_text_field:{text_field}", where)
             continue
         doc_id = record.get(id_field)
-        yield {"id": str(doc_id) if doc_id is not None else f"{name}:{lineno}", "text": text}
+        yield {"id": str(doc_id) if doc_id is not None else where, "text": text}
 
 
 def _read_txt_lines(path: str, counter: SkipCounter) -> Iterator[dict]:
