@@ -92,11 +92,9 @@ def sample(model: Any, params: Any, vocab: Any, prompts: list[str], seed: int = 
     """Left-padded prompts → KV-cache top-k sampling → decoded continuations."""
     import jax
 
-    encoded = [vocab.encode(p) for p in prompts]
-    width = max(len(e) for e in encoded)
-    tokens = np.zeros((len(prompts), width), np.int32)
-    for i, e in enumerate(encoded):
-        tokens[i, width - len(e):] = e
+    from zhchat.tasks.vocabulary import pad_token_rows
+
+    tokens = pad_token_rows([vocab.encode(p) for p in prompts], left=True)
     out = model.predict_batch(params, {"decoder_input_tokens": tokens}, jax.random.key(seed),
                               max_decode_length=40, temperature=0.8, top_k=20)
     return [vocab.decode([t for t in row.tolist() if t > 1]) for row in np.asarray(out)]

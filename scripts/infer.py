@@ -41,15 +41,10 @@ def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 def encode_batch(vocab: Any, texts: list[str], *, left_pad: bool, append_eos: bool) -> np.ndarray:
     """Tokenized texts padded with 0 to one width (left for decoder prompts, right for encoders)."""
+    from zhchat.tasks.vocabulary import pad_token_rows
+
     ids = [vocab.encode(t) + ([vocab.eos_id] if append_eos else []) for t in texts]
-    width = max(1, max(len(x) for x in ids))
-    out = np.zeros((len(ids), width), np.int32)
-    for i, x in enumerate(ids):
-        if left_pad:
-            out[i, width - len(x):] = x
-        else:
-            out[i, :len(x)] = x
-    return out
+    return pad_token_rows(ids, left=left_pad)
 
 
 def load(run_dir: str | None, checkpoint_dir: str | None, gin_files: list[str],

@@ -19,17 +19,7 @@ import seqio
 
 from zhchat.tasks import chat_template as ct
 from zhchat.tasks import sft
-
-
-def _padded(rows: Sequence[Sequence[int]], *, left: bool) -> np.ndarray:
-    width = max(len(r) for r in rows)
-    out = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        if left:
-            out[i, width - len(r):] = r
-        else:
-            out[i, :len(r)] = r
-    return out
+from zhchat.tasks.vocabulary import pad_token_rows
 
 
 def evaluate_task(task: str, *, model: Any, params: Any, split: str = "validation",
@@ -46,10 +36,10 @@ def evaluate_task(task: str, *, model: Any, params: Any, split: str = "validatio
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         if is_decoder:
-            batch = {"decoder_input_tokens": jnp.asarray(_padded([e["inputs"] for e in chunk],
-                                                                 left=True))}
+            batch = {"decoder_input_tokens": jnp.asarray(
+                pad_token_rows([e["inputs"] for e in chunk], left=True))}
         else:
-            batch = {"encoder_input_tokens": jnp.asarray(_padded(
+            batch = {"encoder_input_tokens": jnp.asarray(pad_token_rows(
                 [e["inputs"] + [vocab.eos_id] for e in chunk], left=False))}
         out = model.predict_batch(params, batch, jax.random.key(seed + start),
                                   max_decode_length=max_decode_length, **(decode_kwargs or {}))

@@ -135,3 +135,18 @@ class Vocabulary:
 
     def __repr__(self) -> str:
         return f"Vocabulary({self.path!r}, extra_ids={self.extra_ids}, vocab_size={self.vocab_size})"
+
+
+def pad_token_rows(rows: Sequence[Sequence[int]], *, left: bool) -> np.ndarray:
+    """Token-id rows as one int32 [len(rows), width] array padded with 0 (the pad id): on the left
+    for decoder prompts (every row ends at the same position), on the right for encoder inputs."""
+    width = max(1, max((len(r) for r in rows), default=1))
+    out = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        if not len(r):
+            continue
+        if left:
+            out[i, width - len(r):] = r
+        else:
+            out[i, :len(r)] = r
+    return out
