@@ -3,10 +3,10 @@
 # for the ~1B decoder and T5 v1.1-large, in one call. Results go to $OUT (default out/bench) as
 # json lines, plus a log per run. Works from a plain checkout: the zhchat namespace is assembled
 # from symlinks when the package is not installed (GPU images without a build toolchain).
-#   bash benchmarks/gpu_suite.sh [quick|train|decode|all]
+#   bash benchmarks/gpu_suite.sh PART... (quick | train | decoder_tune | t5 | hf_compile | decode)
 set -u
 cd "$(dirname "$0")/.."
-what=${1:-all}
+[ $# -gt 0 ] || set -- train decode
 out=$(realpath -m "${OUT:-out/bench}")
 mkdir -p "$out"
 if ! (cd /tmp && python3 -c "import zhchat.models") 2>/dev/null; then
@@ -26,14 +26,40 @@ run() {  # run NAME TIMEOUT CMD...
   python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
 } > "$out/env.txt" 2>&1; cat "$out/env.txt"
 steps=${STEPS:-10}
-if [ "$what" = quick ]; then steps=3; fi
-if [ "$what" != decode ]; then
-  run ours_decoder_1b 420 python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=$steps
-  run hf_decoder_1b 300 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b --steps=$steps
-  run ours_t5_large 420 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large --steps=$steps
-  run hf_t5_large 300 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large --steps=$steps
-fi
-if [ "$what" != train ]; then
-  run decode_decoder_1b 420 python3 -m zhchat.benchmarks.decode_throughput --workload=decoder_1b --repeats=2
-  run decode_t5_large 420 python3 -m zhchat.benchmarks.decode_throughput --workload=t5_large --repeats=2 --prompt_len=512
-fi
+remat() { echo "--gin.DecoderConfig.remat_policy='$1'"; }
+prof() { echo "--profile_dir=$out/profiles/$1"; }
+for what in "$@"; do case "$what" in
+  quick)  # everything once, few steps: does the suite run on this machine?
+    run quick_decoder 300 python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=3
+    run quick_t5 300 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large --steps=3 ;;
+  train)  # both systems, both workloads, default settings
+    run ours_decoder_1b 420 python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=$steps
+    run hf_decoder_1b 300 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b --steps=$steps
+    run ours_t5_large 420 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large --steps=$steps
+    run hf_t5_large 300 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large --steps=$steps ;;
+  decoder_tune)  # remat policies, gradient accumulation; profiles of the candidates
+    run ours_decoder_1b_remat_none 120 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps "$(remat none)" "$(prof decoder_1b_remat_none)"
+    run ours_decoder_1b_dots_saveable 100 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps "$(remat dots_saveable)"
+    run ours_decoder_1b_b16_mb2_remat_none 120 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --batch_size=16 --microbatches=2 "$(remat none)" ;;
+  t5)  # T5-large: ours at 64 (profiled) and at 32, HF at 32 (64 does not fit HF)
+    run ours_t5_large 220 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
+      --steps=$steps "$(prof t5_large)"
+    run hf_t5_large_b32 120 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
+      --steps=$steps --batch_size=32
+    run ours_t5_large_b32 180 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
+      --steps=$steps --batch_size=32 ;;
+  hf_compile)  # the HF decoder under torch.compile
+    run hf_decoder_1b_compile 240 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
+      --steps=$steps --compile ;;
+  decode)
+    run decode_decoder_1b 240 python3 -m zhchat.benchmarks.decode_throughput --workload=decoder_1b --repeats=2
+    run decode_t5_large 240 python3 -m zhchat.benchmarks.decode_throughput --workload=t5_large \
+      --repeats=2 --prompt_len=512 ;;
+  *) echo "unknown part $what (quick|train|decoder_tune|t5|hf_compile|decode)"; exit 2 ;;
+esac; done
+# keep the perfetto traces (small) and drop the xplane protos (large) from what comes back
+find "$out/profiles" -name '*.xplane.pb' -delete 2>/dev/null
+exit 0

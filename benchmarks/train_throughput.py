@@ -6,7 +6,8 @@ and reports step time, tokens/s/device, TFLOP/s/device and MFU (PaLM appendix-B 
 attention counted as half), peak device memory and compile time.
 
     python -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=10 \
-        [--mesh=-1,1,1] [--microbatches=1] [--gin.DecoderConfig.remat_policy="'full'"]
+        [--mesh=-1,1,1] [--microbatches=1] [--gin.DecoderConfig.remat_policy="'full'"] \
+        [--profile_dir=DIR]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from zhchat.benchmarks import workloads
+from zhchat.benchmarks import trace_summary, workloads
 from zhchat.models import flops as flops_lib
 from zhchat.trainer import optimizers, partitioning
 from zhchat.trainer import train as train_lib
@@ -34,8 +35,10 @@ def _peak_memory_gib() -> float | None:
 
 def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tuple[int, ...],
         microbatches: int = 1, bindings: tuple[str, ...] = (),
-        peak_flops: float = flops_lib.H100_BF16_PEAK_FLOPS) -> dict[str, Any]:
-    """Compiles and times `steps` steps after `warmup` ones; returns the metrics dict."""
+        peak_flops: float = flops_lib.H100_BF16_PEAK_FLOPS, profile_dir: str | None = None,
+        profile_steps: int = 3) -> dict[str, Any]:
+    """Compiles and times `steps` steps after `warmup` ones; returns the metrics dict. With
+    `profile_dir`, `profile_steps` more steps are traced there and summarised (trace_summary)."""
     model = workloads.load_model(workload, bindings)
     tx = optimizers.make_optimizer(learning_rate=1e-4)
     partitioner = partitioning.Partitioner(mesh_shape=mesh_shape)
@@ -60,6 +63,7 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
             state, metrics = compiled(state, batch, rng)
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - t0) / steps
+        profile = _profile(compiled, state, batch, rng, profile_dir, profile_steps)
     n = jax.device_count()
     ex_flops = workloads.flops_per_example(model, workload)
     tokens = workload.batch_size * workloads.tokens_per_example(workload)
@@ -78,8 +82,23 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         "mfu": ex_flops * workload.batch_size / step_s / (n * peak_flops),
         "compile_s": compile_s, "peak_memory_gib": _peak_memory_gib(),
         "loss_first": first_loss, "loss_last": float(metrics["loss"]),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "profile": profile,
     }
+
+
+def _profile(compiled, state, batch, rng, profile_dir: str | None, steps: int) -> dict | None:
+    """Traces `steps` steps into `profile_dir` and returns the kernel-time summary (or the reason
+    there is none, e.g. no device kernels on CPU)."""
+    if not profile_dir:
+        return None
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready(metrics)
+    try:
+        return trace_summary.summarize_dir(profile_dir, steps=steps)
+    except (FileNotFoundError, ValueError) as e:
+        return {"error": str(e)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes (-1 = the rest)")
+    p.add_argument("--profile_dir", default=None, help="trace extra steps here (perfetto + xplane)")
+    p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--out", default=None, help="append the result as a json line to this file")
     args, rest = p.parse_known_args(argv)
     bindings = tuple(r[len("--gin."):] for r in rest if r.startswith("--gin."))
@@ -101,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                                inputs_len=args.inputs_len)
     result = run(w, steps=args.steps, warmup=args.warmup,
                  mesh_shape=tuple(int(x) for x in args.mesh.split(",")),
-                 microbatches=args.microbatches, bindings=bindings)
+                 microbatches=args.microbatches, bindings=bindings, profile_dir=args.profile_dir,
+                 profile_steps=args.profile_steps)
     if not np.isfinite(result["loss_last"]):
         print(f"non-finite loss {result['loss_last']}", file=sys.stderr)
     workloads.emit(result, args.out)

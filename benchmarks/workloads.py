@@ -61,7 +61,8 @@ def load_model(workload: Workload, bindings: list[str] | tuple[str, ...] = ()) -
 
 
 def synthetic_batch(workload: Workload, vocab_size: int, seed: int = 0) -> dict[str, Any]:
-    """One batch of uniformly random tokens (numpy, seqio model-feature names), no padding."""
+    """One batch of uniformly random tokens (numpy, seqio model-feature names), no padding; decoder
+    rows carry segment ids and positions (packing-ready), encoder-decoder rows none (unpacked)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -71,11 +72,11 @@ def synthetic_batch(workload: Workload, vocab_size: int, seed: int = 0) -> dict[
              "decoder_segment_ids": np.ones((b, t), np.int32),
              "decoder_positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
              "decoder_loss_weights": np.ones((b, t), np.float32)}
-    if workload.kind == "encdec":
-        s = workload.inputs_len
-        batch["encoder_input_tokens"] = rng.integers(2, vocab_size, size=(b, s), dtype=np.int32)
-        batch["encoder_segment_ids"] = np.ones((b, s), np.int32)
-        batch["encoder_positions"] = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy()
+    if workload.kind == "encdec":  # unpacked, as seqio's EncDecFeatureConverter(pack=False)
+        for k in ("decoder_segment_ids", "decoder_positions"):
+            del batch[k]
+        batch["encoder_input_tokens"] = rng.integers(2, vocab_size, size=(b, workload.inputs_len),
+                                                     dtype=np.int32)
     return batch
 
 

@@ -186,13 +186,6 @@ def _layer_class(cfg: DecoderConfig):
     return nn.remat(DecoderLayer, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
-def unpacked_rows(segment_ids: Array) -> Array:
-    """True (scalar) when every row is one segment followed only by padding: ids 1..1 0..0."""
-    lengths = jnp.sum(segment_ids != 0, axis=1, keepdims=True)
-    expected = (jnp.arange(segment_ids.shape[1])[None, :] < lengths).astype(segment_ids.dtype)
-    return jnp.all(segment_ids == expected)
-
-
 class Decoder(nn.Module):
     """Token ids [batch, len] -> logits [batch, len, vocab] (in `config.dtype`)."""
 
@@ -210,7 +203,7 @@ class Decoder(nn.Module):
             if decode:
                 raise ValueError("decode=True needs explicit positions [batch, len]")
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        unpacked = None if segment_ids is None or decode else unpacked_rows(segment_ids)
+        unpacked = None if segment_ids is None or decode else layers.unpacked_rows(segment_ids)
 
         embed = layers.Embed(num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=dt,
                              param_dtype=pdt, name="token_embedder")

@@ -14,6 +14,7 @@ requested with `is_causal=True` and no mask, which cuDNN runs without materialis
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -170,6 +171,13 @@ def make_attention_mask(query_segment_ids: Array, kv_segment_ids: Array, *, caus
     return mask[:, None, :, :]
 
 
+def unpacked_rows(segment_ids: Array) -> Array:
+    """True (scalar) when every row is one segment followed only by padding: ids 1..1 0..0."""
+    lengths = jnp.sum(segment_ids != 0, axis=1, keepdims=True)
+    expected = (jnp.arange(segment_ids.shape[1])[None, :] < lengths).astype(segment_ids.dtype)
+    return jnp.all(segment_ids == expected)
+
+
 @functools.lru_cache(maxsize=None)
 def _gpu_available() -> bool:
     try:
@@ -219,9 +227,17 @@ def dot_product_attention(query: Array, key: Array, value: Array, *, bias: Array
         try:
             return jax.nn.dot_product_attention(query, key.astype(dtype), value.astype(dtype),
                                                 implementation="cudnn", **kwargs)
-        except (NotImplementedError, ValueError, RuntimeError):
-            pass  # shapes/masks cuDNN rejects at trace time: use the XLA path below
+        except (NotImplementedError, ValueError, RuntimeError) as e:
+            # shapes/masks cuDNN rejects at trace time run on XLA, said once per kind of rejection
+            _warn_once(f"cuDNN attention rejected {query.shape} q / {key.shape} kv "
+                       f"(bias={bias is not None}, mask={mask is not None}, causal={is_causal}): "
+                       f"{e}; using XLA attention")
     return _xla_attention(query, key, value, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logging.warning(message)
 
 
 def _xla_attention(query, key, value, *, bias, mask, **kwargs):

@@ -73,11 +73,12 @@ class EncoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, *, mask, bias, deterministic):
+    def __call__(self, x, *, mask, bias, deterministic, lengths=None):
         cfg = self.config
         h = _make(layers.RMSNorm, cfg, name="pre_attention_norm")(x)
         h = _make(t5_layers.T5Attention, cfg, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-                  attention_impl=cfg.attention_impl, name="attention")(h, None, mask=mask, bias=bias)
+                  attention_impl=cfg.attention_impl, name="attention")(
+            h, None, mask=mask, bias=bias, lengths=lengths)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         h = _make(layers.RMSNorm, cfg, name="pre_mlp_norm")(x)
         h = _make(t5_layers.GatedGeluMlp, cfg, d_ff=cfg.d_ff, dropout_rate=cfg.dropout_rate,
@@ -91,17 +92,17 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, encoded, *, self_mask, self_bias, cross_mask, deterministic, decode,
-                 decode_index, max_decode_length):
+                 decode_index, max_decode_length, self_lengths=None, cross_lengths=None):
         cfg = self.config
         attn = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, attention_impl=cfg.attention_impl)
         h = _make(layers.RMSNorm, cfg, name="pre_self_attention_norm")(x)
         h = _make(t5_layers.T5Attention, cfg, name="self_attention", **attn)(
             h, None, mask=self_mask, bias=self_bias, decode=decode, decode_index=decode_index,
-            max_decode_length=max_decode_length)
+            max_decode_length=max_decode_length, lengths=self_lengths, causal=True)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         h = _make(layers.RMSNorm, cfg, name="pre_cross_attention_norm")(x)
         h = _make(t5_layers.T5Attention, cfg, cross=True, name="encoder_decoder_attention", **attn)(
-            h, encoded, mask=cross_mask, decode=decode)
+            h, encoded, mask=cross_mask, decode=decode, lengths=cross_lengths)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         h = _make(layers.RMSNorm, cfg, name="pre_mlp_norm")(x)
         h = _make(t5_layers.GatedGeluMlp, cfg, d_ff=cfg.d_ff, dropout_rate=cfg.dropout_rate,
@@ -162,14 +163,21 @@ class T5(nn.Module):
         bias = self.encoder_relpos(positions, positions)
         x = self.token_embedder(encoder_input_tokens)
         x = self.dropout(nn.with_logical_constraint(x, _ACT), deterministic=deterministic)
+        # no segment ids: rows are unpacked (one example + padding), so lengths replace the mask
+        lengths = (t5_layers.padding_lengths(segments, segments) if encoder_segment_ids is None
+                   else None)
         for layer in self.encoder_layers:
-            x = layer(x, mask=mask, bias=bias, deterministic=deterministic)
+            x = layer(x, mask=mask, bias=bias, deterministic=deterministic, lengths=lengths)
         return self.dropout(self.encoder_norm(x), deterministic=deterministic)
 
     def decode(self, encoded: Array | None, encoder_segment_ids: Array, decoder_input_tokens: Array,
                decoder_segment_ids: Array | None = None, *, enable_dropout: bool = False,
-               decode: bool = False, max_decode_length: int | None = None) -> Array:
+               decode: bool = False, max_decode_length: int | None = None,
+               unpacked: bool = False) -> Array:
         """Decoder logits [batch, dec_len, vocab] (fp32).
+
+        unpacked=True (training on a batch without segment ids) attends with per-row lengths
+        instead of dense masks (see T5Attention).
 
         decode=True runs one step with the cache: the first call (no cache yet) creates the cache of
         `max_decode_length` positions and stores the cross-attention K/V of `encoded`; every later
@@ -177,7 +185,7 @@ class T5(nn.Module):
         """
         deterministic = not enable_dropout
         length = decoder_input_tokens.shape[1]
-        decode_index = None
+        decode_index = self_lengths = cross_lengths = None
         if decode:
             initialised, decode_index = self.decode_position()
             if not max_decode_length:
@@ -198,12 +206,16 @@ class T5(nn.Module):
             positions = jnp.arange(length)
             self_bias = self.decoder_relpos(positions, positions)
             cross_mask = layers.make_attention_mask(segments, encoder_segment_ids)
+            if unpacked:
+                self_lengths = t5_layers.padding_lengths(segments, segments)
+                cross_lengths = t5_layers.padding_lengths(segments, encoder_segment_ids)
         x = self.token_embedder(decoder_input_tokens)
         x = self.dropout(nn.with_logical_constraint(x, _ACT), deterministic=deterministic)
         for layer in self.decoder_layers:
             x = layer(x, encoded, self_mask=self_mask, self_bias=self_bias, cross_mask=cross_mask,
                       deterministic=deterministic, decode=decode, decode_index=decode_index,
-                      max_decode_length=cache_len)
+                      max_decode_length=cache_len, self_lengths=self_lengths,
+                      cross_lengths=cross_lengths)
         x = self.dropout(self.decoder_norm(x), deterministic=deterministic)
         logits = self.logits_dense(x).astype(jnp.float32)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
@@ -214,6 +226,8 @@ class T5(nn.Module):
                  *, enable_dropout: bool = False) -> Array:
         """Teacher-forced logits [batch, dec_len, vocab] (fp32) for a (packed) batch."""
         enc_segments = _segments(encoder_input_tokens, encoder_segment_ids)
-        encoded = self.encode(encoder_input_tokens, enc_segments, enable_dropout=enable_dropout)
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids,
+                              enable_dropout=enable_dropout)
         return self.decode(encoded, enc_segments, decoder_input_tokens, decoder_segment_ids,
-                           enable_dropout=enable_dropout)
+                           enable_dropout=enable_dropout,
+                           unpacked=encoder_segment_ids is None and decoder_segment_ids is None)

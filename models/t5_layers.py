@@ -9,7 +9,7 @@ created).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -73,6 +73,19 @@ class RelativePositionBiases(nn.Module):
         return bias[None]
 
 
+class PaddingLengths(NamedTuple):
+    """Per-row valid lengths for attention over unpacked rows (see T5Attention)."""
+
+    query: Array     # [batch] int32, at least 1
+    kv: Array        # [batch] int32, at least 1
+
+
+def padding_lengths(query_segments: Array, kv_segments: Array) -> PaddingLengths:
+    """Lengths of 1..1 0..0 rows (floored at 1 so an all-padding row stays finite)."""
+    length = lambda seg: jnp.maximum(jnp.sum(seg > 0, axis=1), 1).astype(jnp.int32)  # noqa: E731
+    return PaddingLengths(length(query_segments), length(kv_segments))
+
+
 def _scaled_init(scale: float):
     base = layers.default_kernel_init
     return lambda rng, shape, dtype: base(rng, shape, dtype) * scale
@@ -92,7 +105,12 @@ class T5Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, kv_inputs: Array | None, *, mask: Array | None, bias: Array | None = None,
                  decode: bool = False, decode_index: Array | None = None,
-                 max_decode_length: int | None = None) -> Array:
+                 max_decode_length: int | None = None, lengths: PaddingLengths | None = None,
+                 causal: bool = False) -> Array:
+        """`mask` is the dense mask of any (packed) batch. With `lengths` (batches without segment
+        ids: each row one example plus right-padding) attention uses sequence lengths (+ `causal`)
+        instead, so cuDNN runs its fused padding / causal masks and takes only the [1, heads, q, k]
+        bias (a dense mask is folded into a [batch, heads, q, k] bias and bias gradient)."""
         proj = dict(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
                     dtype=self.dtype, param_dtype=self.param_dtype)
         query = layers.DenseGeneral(name="query", kernel_init=_scaled_init(self.head_dim ** -0.5),
@@ -107,8 +125,13 @@ class T5Attention(nn.Module):
                 key, value = self._update_self_cache(key, value, decode_index, max_decode_length)
         axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         query, key, value = (nn.with_logical_constraint(t, axes) for t in (query, key, value))
-        out = layers.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=1.0,
-                                           implementation=self.attention_impl)
+        attend = lambda **kw: layers.dot_product_attention(  # noqa: E731
+            query, key, value, bias=bias, scale=1.0, implementation=self.attention_impl, **kw)
+        if lengths is None or decode:
+            out = attend(mask=mask)
+        else:
+            out = attend(is_causal=causal, query_seq_lengths=lengths.query,
+                         key_value_seq_lengths=lengths.kv)
         return layers.DenseGeneral(features=x.shape[-1], axis=(-2, -1), kernel_axes=("heads", "kv", "embed"),
                                    dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
 

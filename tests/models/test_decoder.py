@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from zhchat.models import decoder as dec
+from zhchat.models import layers
 from zhchat.models.decoder_model import DecoderOnlyModel, cross_entropy_with_logits
 
 TINY = dec.DecoderConfig(vocab_size=61, emb_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -66,7 +67,7 @@ def test_unpacked_fast_path_matches_masked_path_on_real_tokens():
     module, params = _init(TINY)
     tokens = _tokens((2, 8), seed=2)
     seg = jnp.array([[1] * 8, [1] * 5 + [0] * 3])
-    assert bool(dec.unpacked_rows(seg)) and not bool(dec.unpacked_rows(seg.at[1, 6].set(2)))
+    assert bool(layers.unpacked_rows(seg)) and not bool(layers.unpacked_rows(seg.at[1, 6].set(2)))
     fast = _fwd(module, params, tokens, segment_ids=seg)  # lax.cond takes is_causal
     no_seg = _fwd(module, params, tokens)
     np.testing.assert_allclose(fast, no_seg, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zhchat.models import t5, t5_layers
+from zhchat.models import layers, t5, t5_layers
 from zhchat.models.encdec_model import EncoderDecoderModel
 
 TINY = dict(vocab_size=256, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=2,
@@ -169,3 +169,37 @@ def test_config_errors_name_the_field():
         t5.T5Config(d_model=0)
     with pytest.raises(ValueError, match="T5Config.dtype"):
         t5.T5Config(dtype="float77")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_lengths_path_equals_dense_mask(causal):
+    """Unpacked rows (one example + padding) attend through sequence lengths; real positions and
+    the parameter gradients equal the dense-mask path (which packed batches take)."""
+    rng = np.random.default_rng(3)
+    seg = np.array([[1] * 9 + [0] * 3, [1] * 12, [1] * 4 + [0] * 8], np.int32)
+    x = jnp.asarray(rng.normal(size=(3, 12, 16)), jnp.float32)
+    mask = layers.make_attention_mask(seg, seg, causal=causal)
+    bias = t5_layers.RelativePositionBiases(num_heads=2, bidirectional=not causal).init_with_output(
+        jax.random.PRNGKey(1), jnp.arange(12), jnp.arange(12))[0]
+    attn = t5_layers.T5Attention(num_heads=2, head_dim=8)
+    params = attn.init(jax.random.PRNGKey(0), x, None, mask=mask)["params"]
+    lengths = t5_layers.padding_lengths(seg, seg)
+    assert lengths.query.tolist() == [9, 12, 4] == lengths.kv.tolist()
+
+    def loss(p, lens):
+        out = attn.apply({"params": p}, x, None, mask=mask, bias=bias, lengths=lens, causal=causal)
+        return jnp.sum(jnp.where(seg[..., None] > 0, out, 0.0) ** 2), out
+
+    (l_fast, out_fast), g_fast = jax.value_and_grad(loss, has_aux=True)(params, lengths)
+    (l_dense, out_dense), g_dense = jax.value_and_grad(loss, has_aux=True)(params, None)
+    real = seg > 0
+    np.testing.assert_allclose(np.asarray(out_fast)[real], np.asarray(out_dense)[real],
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(l_fast, l_dense, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g_fast, g_dense)
+
+
+def test_padding_lengths_floor_all_padding_rows_at_one():
+    plain = np.array([[1, 1, 1, 0, 0]], np.int32)
+    empty = t5_layers.padding_lengths(np.zeros((1, 5), np.int32), plain)
+    assert empty.query.tolist() == [1] and empty.kv.tolist() == [3]
