@@ -7,6 +7,7 @@ softmax. The decoder has no dropout, so `dropout_rng` is accepted and unused.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -76,6 +77,9 @@ class DecoderOnlyModel(BaseModel):
             raise ValueError(f"DecoderOnlyModel.label_smoothing must be in [0, 1), got {label_smoothing}")
         self.config = config
         self.module = Decoder(config)
+        # Decoding runs unrolled layers: with nn.scan every step would copy the whole stacked KV
+        # cache (scan reads layer slices from one buffer and stacks them into another).
+        self.decode_module = Decoder(dataclasses.replace(config, scan_layers=False))
         self.z_loss = z_loss
         self.label_smoothing = label_smoothing
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -136,17 +140,29 @@ class DecoderOnlyModel(BaseModel):
         return -jnp.sum(ce * weights, axis=-1)
 
     # ---- decoding ---------------------------------------------------------------------------
+    def decode_params(self, params: Params) -> Params:
+        """`params` in the unrolled layout of `decode_module` (scanned layers split per layer)."""
+        if not self.config.scan_layers:
+            return params
+        params = dict(params)
+        stacked = params.pop("layers")
+        for i in range(self.config.num_layers):
+            params[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+        return params
+
     def init_cache(self, batch_size: int, cache_len: int) -> Any:
         """Zeroed KV cache for `cache_len` slots (shapes from jax.eval_shape, no parameters made)."""
         ones = jnp.ones((batch_size, cache_len), jnp.int32)
-        shapes = jax.eval_shape(lambda: self.module.init(
+        shapes = jax.eval_shape(lambda: self.decode_module.init(
             jax.random.PRNGKey(0), ones, positions=ones, kv_mask=ones.astype(bool), decode=True))
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
     def step_fn(self, params: Params) -> decoding.StepFn:
         """The decoding callback: runs tokens through the cached decoder, returns fp32 logits."""
+        params = self.decode_params(params)
+
         def step(cache, tokens, positions, kv_mask, prefix):
-            logits, mutated = self.module.apply(
+            logits, mutated = self.decode_module.apply(
                 {"params": params, "cache": cache}, tokens, positions=positions, prefix=prefix,
                 kv_mask=kv_mask, decode=True, mutable=["cache"])
             return logits.astype(jnp.float32), mutated["cache"]

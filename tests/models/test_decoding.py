@@ -51,7 +51,7 @@ def test_kv_cache_greedy_equals_full_recompute_with_mixed_padding():
     want = _greedy_by_recompute(model, params, PROMPTS, 6)
     np.testing.assert_array_equal(np.asarray(got), want)
     assert len(set(want.ravel().tolist())) > 3  # a random model, not a constant output
-    # The same with scanned layers (cache stacked along the layer axis).
+    # The same from scanned (stacked) parameters.
     scanned = DecoderOnlyModel(config=dataclasses.replace(CFG, scan_layers=True), eos_id=None)
     stacked = dict(params)
     stacked["layers"] = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]),
@@ -59,6 +59,9 @@ def test_kv_cache_greedy_equals_full_recompute_with_mixed_padding():
     got_scan = scanned.predict_batch(stacked, {"decoder_input_tokens": PROMPTS},
                                      jax.random.PRNGKey(0), max_decode_length=6)
     np.testing.assert_array_equal(np.asarray(got_scan), want)
+    # decoding runs the layers unrolled: one cache entry per layer, nothing stacked to copy
+    cache = scanned.init_cache(2, 8)
+    assert sorted(cache) == sorted(f"layers_{i}" for i in range(CFG.num_layers))
 
 
 def test_prefix_lm_prompt_decoding_equals_full_recompute():
