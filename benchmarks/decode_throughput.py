@@ -4,7 +4,10 @@ Both sample exactly `new_tokens` tokens per row (EOS disabled on both sides) wit
 bf16 weights of the same random-init architecture, on the same prompts. Tokens/s counts generated
 tokens only (batch × new_tokens / wall time of the whole call, prefill included).
 
-    python -m zhchat.benchmarks.decode_throughput --workload=decoder_1b --systems=ours,hf
+    python -m zhchat.benchmarks.decode_throughput --workload=decoder_1b --systems=ours
+    python -m zhchat.benchmarks.decode_throughput --workload=decoder_1b --systems=hf
+
+On a GPU run each system in its own process: JAX preallocates most of the device memory.
 """
 
 from __future__ import annotations

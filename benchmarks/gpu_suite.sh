@@ -3,7 +3,8 @@
 # for the ~1B decoder and T5 v1.1-large, in one call. Results go to $OUT (default out/bench) as
 # json lines, plus a log per run. Works from a plain checkout: the zhchat namespace is assembled
 # from symlinks when the package is not installed (GPU images without a build toolchain).
-#   bash benchmarks/gpu_suite.sh PART... (quick | train | decoder_tune | t5 | hf_compile | decode)
+#   bash benchmarks/gpu_suite.sh PART... (quick | train | decoder_tune | t5 | hf_compile | final |
+#   decode)
 set -u
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- train decode
@@ -54,12 +55,30 @@ for what in "$@"; do case "$what" in
   hf_compile)  # the HF decoder under torch.compile
     run hf_decoder_1b_compile 240 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
       --steps=$steps --compile ;;
-  decode)
-    run decode_decoder_1b 240 python3 -m zhchat.benchmarks.decode_throughput --workload=decoder_1b --repeats=2
-    run decode_t5_large 240 python3 -m zhchat.benchmarks.decode_throughput --workload=t5_large \
-      --repeats=2 --prompt_len=512 ;;
-  *) echo "unknown part $what (quick|train|decoder_tune|t5|hf_compile|decode)"; exit 2 ;;
+  final)  # after the decode and T5-mask fixes: decode, cuBLAS-only GEMMs, T5-large at 32 and 64
+    run decode_ours_decoder_1b 80 python3 -m zhchat.benchmarks.decode_throughput \
+      --workload=decoder_1b --repeats=2 --systems=ours
+    XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run ours_decoder_1b_no_triton_gemm 70 \
+      python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=$steps
+    run ours_t5_large_b32 200 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
+      --steps=$steps --batch_size=32 "$(prof t5_large_b32)"
+    run ours_t5_large 150 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
+      --steps=$steps ;;
+  decode)  # one process per system: JAX preallocates most of the GPU memory, torch would OOM
+    for system in ours hf; do
+      run decode_decoder_1b_$system 240 python3 -m zhchat.benchmarks.decode_throughput \
+        --workload=decoder_1b --repeats=2 --systems=$system
+      run decode_t5_large_$system 240 python3 -m zhchat.benchmarks.decode_throughput \
+        --workload=t5_large --repeats=2 --prompt_len=512 --systems=$system
+    done ;;
+  *) echo "unknown part $what (quick|train|decoder_tune|t5|hf_compile|final|decode)"; exit 2 ;;
 esac; done
-# keep the perfetto traces (small) and drop the xplane protos (large) from what comes back
-find "$out/profiles" -name '*.xplane.pb' -delete 2>/dev/null
+# bring the perfetto traces back at a shallow path (deep folders are not returned) and drop the
+# xplane protos (large)
+for d in "$out"/profiles/*/; do
+  [ -d "$d" ] || continue
+  t=$(find "$d" -name perfetto_trace.json.gz | head -n 1)
+  [ -n "$t" ] && cp "$t" "$out/profiles/$(basename "$d").perfetto_trace.json.gz"
+done
+find "$out/profiles" -mindepth 1 -type d -prune -exec rm -rf {} + 2>/dev/null
 exit 0

@@ -5,7 +5,7 @@ kernels on the GPU stream tracks (the derived "XLA Ops"/"XLA Modules" tracks wou
 and sums their durations into matmul / attention / collective / copy / other-fusion kinds, plus the
 busiest kernel names and the share of the traced span the GPU was idle.
 
-    python -m zhchat.benchmarks.trace_summary PROFILE_DIR [--steps=N]
+    python -m zhchat.benchmarks.trace_summary PROFILE_DIR_OR_TRACE_FILE [--steps=N]
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def kernel_kind(name: str) -> str:
 
 
 def find_trace(profile_dir: str) -> str:
-    """The newest perfetto_trace.json.gz under `profile_dir`."""
-    paths = glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    """`profile_dir` itself if it is a trace file, else the newest *perfetto_trace.json.gz in it."""
+    if os.path.isfile(profile_dir):
+        return profile_dir
+    paths = glob.glob(os.path.join(profile_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
     if not paths:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {profile_dir}: profile with "
                                 f"jax.profiler.trace(dir, create_perfetto_trace=True)")

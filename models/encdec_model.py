@@ -9,6 +9,7 @@ runs beam search (`beam_size`), the encoder once per batch (models/encdec_decodi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Mapping
@@ -40,6 +41,8 @@ class EncoderDecoderModel(BaseModel):
             raise ValueError(f"EncoderDecoderModel.label_smoothing must be in [0, 1), got {label_smoothing}")
         self.config = config
         self.module = T5(config)
+        # decoding runs unrolled layers (a scanned cache would be copied every step)
+        self.decode_module = T5(dataclasses.replace(config, scan_layers=False, remat_policy="none"))
         self.z_loss, self.label_smoothing = z_loss, label_smoothing
         self.eos_id, self.pad_id = eos_id, pad_id
         self.flops_inputs_length = flops_inputs_length
@@ -114,20 +117,34 @@ class EncoderDecoderModel(BaseModel):
     def encode(self, params: Params, encoder_input_tokens: jnp.ndarray) -> jnp.ndarray:
         return self.module.apply({"params": params}, encoder_input_tokens, method=T5.encode)
 
+    def decode_params(self, params: Params) -> Params:
+        """`params` in `decode_module`'s unrolled layout (scanned stacks split per layer)."""
+        if not self.config.scan_layers:
+            return params
+        params = dict(params)
+        for name, n in (("encoder", self.config.num_encoder_layers),
+                        ("decoder", self.config.num_decoder_layers)):
+            stacked = params.pop(name)
+            for i in range(n):
+                params[f"{name}_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+        return params
+
     def init_cache(self, params: Params, encoded: jnp.ndarray, encoder_segment_ids: jnp.ndarray,
                    max_decode_length: int) -> Any:
         """A cache of `max_decode_length` positions holding the cross-attention K/V of `encoded`."""
         bos = jnp.zeros((encoded.shape[0], 1), jnp.int32)
-        _, variables = self.module.apply(
-            {"params": params}, encoded, encoder_segment_ids, bos, decode=True,
+        _, variables = self.decode_module.apply(
+            {"params": self.decode_params(params)}, encoded, encoder_segment_ids, bos, decode=True,
             max_decode_length=max_decode_length, method=T5.decode, mutable=["cache"])
         return variables["cache"]
 
     def step_fn(self, params: Params, encoder_segment_ids: jnp.ndarray, max_decode_length: int
                 ) -> encdec_decoding.StepFn:
         """The decoding callback: one token per row through the cached decoder -> fp32 logits."""
+        params = self.decode_params(params)
+
         def step(cache, tokens):
-            logits, variables = self.module.apply(
+            logits, variables = self.decode_module.apply(
                 {"params": params, "cache": cache}, None, encoder_segment_ids, tokens, decode=True,
                 max_decode_length=max_decode_length, method=T5.decode, mutable=["cache"])
             return logits[:, 0], variables["cache"]

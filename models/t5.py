@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from zhchat.models import layers, t5_layers
+from zhchat.models.decoder import REMAT_POLICIES
 
 Array = jax.Array
 _ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -42,6 +43,8 @@ class T5Config:
     dtype: Any = "bfloat16"
     param_dtype: Any = "float32"
     attention_impl: str = "auto"
+    scan_layers: bool = False        # nn.scan over each stack: one compiled layer, fast compiles
+    remat_policy: str = "none"       # as DecoderConfig.remat_policy (training; decoding never remats)
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
@@ -50,6 +53,9 @@ class T5Config:
                 raise ValueError(f"T5Config.{field}={getattr(self, field)!r} must be positive")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"T5Config.dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"T5Config.remat_policy={self.remat_policy!r} must be one of "
+                             f"{REMAT_POLICIES}")
         for field in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, field))
@@ -70,10 +76,12 @@ def _make(module, cfg: T5Config, **kwargs):
 
 
 class EncoderLayer(nn.Module):
+    """One pre-norm encoder block; positional arguments and (x, None) out, so it scans."""
+
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, *, mask, bias, deterministic, lengths=None):
+    def __call__(self, x, mask, bias, lengths, deterministic):
         cfg = self.config
         h = _make(layers.RMSNorm, cfg, name="pre_attention_norm")(x)
         h = _make(t5_layers.T5Attention, cfg, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
@@ -84,15 +92,17 @@ class EncoderLayer(nn.Module):
         h = _make(t5_layers.GatedGeluMlp, cfg, d_ff=cfg.d_ff, dropout_rate=cfg.dropout_rate,
                   name="mlp")(h, deterministic=deterministic)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-        return nn.with_logical_constraint(x, _ACT)
+        return nn.with_logical_constraint(x, _ACT), None
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm decoder block (self-, cross-attention, MLP); scans like EncoderLayer."""
+
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, encoded, *, self_mask, self_bias, cross_mask, deterministic, decode,
-                 decode_index, max_decode_length, self_lengths=None, cross_lengths=None):
+    def __call__(self, x, encoded, self_mask, self_bias, cross_mask, self_lengths, cross_lengths,
+                 decode_index, deterministic, decode, max_decode_length):
         cfg = self.config
         attn = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, attention_impl=cfg.attention_impl)
         h = _make(layers.RMSNorm, cfg, name="pre_self_attention_norm")(x)
@@ -108,7 +118,32 @@ class DecoderLayer(nn.Module):
         h = _make(t5_layers.GatedGeluMlp, cfg, d_ff=cfg.d_ff, dropout_rate=cfg.dropout_rate,
                   name="mlp")(h, deterministic=deterministic)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-        return nn.with_logical_constraint(x, _ACT)
+        return nn.with_logical_constraint(x, _ACT), None
+
+
+def _layer_stack(layer: type[nn.Module], cfg: T5Config, num_layers: int, *, num_args: int,
+                 num_static: int, name: str) -> list:
+    """The layers of one stack: `name`_i modules, or one scanned module `name` whose parameters
+    gain a leading "layers" axis. A layer takes `num_args` positional arguments, the last
+    `num_static` of them Python values (static for remat); remat follows `remat_policy`."""
+    if cfg.remat_policy != "none":
+        policy = (None if cfg.remat_policy == "full"
+                  else getattr(jax.checkpoint_policies, cfg.remat_policy))
+        layer = nn.remat(layer, policy=policy, prevent_cse=not cfg.scan_layers,
+                         # argnum 0 is the module itself
+                         static_argnums=tuple(range(num_args - num_static + 1, num_args + 1)))
+    if not cfg.scan_layers:
+        return [layer(cfg, name=f"{name}_{i}") for i in range(num_layers)]
+    scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * (num_args - 1), length=num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return [scanned(cfg, name=name)]
+
+
+def _run_stack(stack: list, x: Array, *args) -> Array:
+    for layer in stack:
+        x, _ = layer(x, *args)
+    return x
 
 
 def _segments(tokens: Array, segment_ids: Array | None) -> Array:
@@ -142,10 +177,10 @@ class T5(nn.Module):
                       max_distance=cfg.relpos_max_distance)
         self.encoder_relpos = _make(t5_layers.RelativePositionBiases, cfg, bidirectional=True, **relpos)
         self.decoder_relpos = _make(t5_layers.RelativePositionBiases, cfg, bidirectional=False, **relpos)
-        self.encoder_layers = [EncoderLayer(cfg, name=f"encoder_{i}")
-                               for i in range(cfg.num_encoder_layers)]
-        self.decoder_layers = [DecoderLayer(cfg, name=f"decoder_{i}")
-                               for i in range(cfg.num_decoder_layers)]
+        self.encoder_layers = _layer_stack(EncoderLayer, cfg, cfg.num_encoder_layers, num_args=5,
+                                           num_static=1, name="encoder")
+        self.decoder_layers = _layer_stack(DecoderLayer, cfg, cfg.num_decoder_layers, num_args=11,
+                                           num_static=3, name="decoder")
         self.encoder_norm = _make(layers.RMSNorm, cfg)
         self.decoder_norm = _make(layers.RMSNorm, cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
@@ -166,8 +201,7 @@ class T5(nn.Module):
         # no segment ids: rows are unpacked (one example + padding), so lengths replace the mask
         lengths = (t5_layers.padding_lengths(segments, segments) if encoder_segment_ids is None
                    else None)
-        for layer in self.encoder_layers:
-            x = layer(x, mask=mask, bias=bias, deterministic=deterministic, lengths=lengths)
+        x = _run_stack(self.encoder_layers, x, mask, bias, lengths, deterministic)
         return self.dropout(self.encoder_norm(x), deterministic=deterministic)
 
     def decode(self, encoded: Array | None, encoder_segment_ids: Array, decoder_input_tokens: Array,
@@ -211,11 +245,11 @@ class T5(nn.Module):
                 cross_lengths = t5_layers.padding_lengths(segments, encoder_segment_ids)
         x = self.token_embedder(decoder_input_tokens)
         x = self.dropout(nn.with_logical_constraint(x, _ACT), deterministic=deterministic)
-        for layer in self.decoder_layers:
-            x = layer(x, encoded, self_mask=self_mask, self_bias=self_bias, cross_mask=cross_mask,
-                      deterministic=deterministic, decode=decode, decode_index=decode_index,
-                      max_decode_length=cache_len, self_lengths=self_lengths,
-                      cross_lengths=cross_lengths)
+        if decode and self.config.scan_layers:
+            raise ValueError("decode=True needs unrolled layers: decode with scan_layers=False "
+                             "(EncoderDecoderModel does, splitting the scanned parameters)")
+        x = _run_stack(self.decoder_layers, x, encoded, self_mask, self_bias, cross_mask,
+                       self_lengths, cross_lengths, decode_index, deterministic, decode, cache_len)
         x = self.dropout(self.decoder_norm(x), deterministic=deterministic)
         logits = self.logits_dense(x).astype(jnp.float32)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length",

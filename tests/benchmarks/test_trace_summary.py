@@ -44,6 +44,8 @@ def test_summary_reads_the_newest_gzip_trace(tmp_path):
     with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": _events()}, f)
     assert trace_summary.summarize_dir(str(tmp_path))["kernels"] == 5
+    trace = str(run / "perfetto_trace.json.gz")  # a trace file works too
+    assert trace_summary.summarize_dir(trace, steps=5)["kernels"] == 5
     with pytest.raises(FileNotFoundError, match="create_perfetto_trace"):
         trace_summary.summarize_dir(str(tmp_path / "nothing"))
 

@@ -1,5 +1,7 @@
 """T5 v1.1 model: relative position buckets, preset sizes, logical axes, packing, dropout, dtypes."""
 
+import dataclasses
+
 import flax.linen as nn
 import gin
 import jax
@@ -203,3 +205,65 @@ def test_padding_lengths_floor_all_padding_rows_at_one():
     plain = np.array([[1, 1, 1, 0, 0]], np.int32)
     empty = t5_layers.padding_lengths(np.zeros((1, 5), np.int32), plain)
     assert empty.query.tolist() == [1] and empty.kv.tolist() == [3]
+
+
+def _stack(params, name, n):
+    layers_ = {f"{name}_{i}" for i in range(n)}
+    out = {k: v for k, v in params.items() if k not in layers_}
+    out[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                       *[params[f"{name}_{i}"] for i in range(n)])
+    return out
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_scan_and_remat_match_unrolled_loss_and_grads(tiny, packed):
+    """Scanned stacks (parameters with a leading "layers" axis) and remat policies give the
+    unrolled model's loss and gradients, with dropout on (same rngs), packed or not."""
+    base, (_, params) = _model(dropout_rate=0.2), tiny
+    rng = np.random.default_rng(4)
+    enc = rng.integers(2, 256, size=(2, 10)).astype(np.int32)
+    tgt = rng.integers(2, 256, size=(2, 6)).astype(np.int32)
+    batch = {"encoder_input_tokens": enc, "decoder_target_tokens": tgt,
+             "decoder_input_tokens": np.concatenate([np.zeros((2, 1), np.int32), tgt[:, :-1]], 1),
+             "decoder_loss_weights": np.ones((2, 6), np.float32)}
+    if packed:
+        batch["encoder_segment_ids"] = np.array([[1] * 6 + [2] * 4] * 2, np.int32)
+        batch["decoder_segment_ids"] = np.array([[1] * 3 + [2] * 3] * 2, np.int32)
+    grad_fn = lambda m, p: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda p: m.loss_fn(p, batch, jax.random.PRNGKey(9))[0]))(p)
+    loss, grads = grad_fn(base, params)
+    stack = lambda t: _stack(_stack(t, "encoder", 2), "decoder", 2)  # noqa: E731
+    for scan, policy in ((True, "none"), (True, "dots_with_no_batch_dims_saveable"),
+                         (False, "full")):
+        variant = _model(dropout_rate=0.2, scan_layers=scan, remat_policy=policy)
+        convert = stack if scan else (lambda t: t)
+        v_loss, v_grads = grad_fn(variant, convert(params))
+        if scan:  # scan splits the dropout rng per layer: different masks, same model otherwise
+            no_drop = lambda m: dataclasses.replace(m.config, dropout_rate=0.0)  # noqa: E731
+            v_loss, v_grads = grad_fn(EncoderDecoderModel(config=no_drop(variant), z_loss=0.0),
+                                      convert(params))
+            loss_nd, grads_nd = grad_fn(EncoderDecoderModel(config=no_drop(base), z_loss=0.0), params)
+            np.testing.assert_allclose(v_loss, loss_nd, rtol=1e-5)
+            jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                                   v_grads, convert(grads_nd))
+        else:
+            np.testing.assert_allclose(v_loss, loss, rtol=1e-6)
+            jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                                   v_grads, grads)
+
+
+def test_scanned_params_have_a_layers_axis_and_decode_like_unrolled(tiny):
+    _, params = tiny
+    scanned = _model(scan_layers=True, remat_policy="full")
+    boxed = scanned.abstract_params()
+    enc = boxed["encoder"]["attention"]["query"]["kernel"]
+    assert enc.names[0] == "layers" and enc.value.shape[0] == 2
+    stacked = _stack(_stack(params, "encoder", 2), "decoder", 2)
+    tokens = np.random.default_rng(5).integers(2, 256, size=(2, 9)).astype(np.int32)
+    tokens[1, 6:] = 0
+    opts = dict(max_decode_length=5)
+    want = _model().predict_batch(params, {"encoder_input_tokens": tokens}, None, **opts)
+    got = scanned.predict_batch(stacked, {"encoder_input_tokens": tokens}, None, **opts)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="remat_policy"):
+        t5.T5Config(remat_policy="sometimes")
