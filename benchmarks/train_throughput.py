@@ -7,7 +7,7 @@ attention counted as half), peak device memory and compile time.
 
     python -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=10 \
         [--mesh=-1,1,1] [--microbatches=1] [--gin.DecoderConfig.remat_policy="'full'"] \
-        [--profile_dir=DIR]
+        [--profile_dir=DIR] [--breakdown] [--gin.make_optimizer.mu_dtype="'bfloat16'"]
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ def _peak_memory_gib() -> float | None:
 def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tuple[int, ...],
         microbatches: int = 1, bindings: tuple[str, ...] = (),
         peak_flops: float = flops_lib.H100_BF16_PEAK_FLOPS, profile_dir: str | None = None,
-        profile_steps: int = 3) -> dict[str, Any]:
+        profile_steps: int = 3, breakdown: bool = False) -> dict[str, Any]:
     """Compiles and times `steps` steps after `warmup` ones; returns the metrics dict. With
-    `profile_dir`, `profile_steps` more steps are traced there and summarised (trace_summary)."""
+    `profile_dir`, `profile_steps` more steps are traced there and summarised (trace_summary);
+    with `breakdown`, the forward and forward + backward are also timed alone."""
     model = workloads.load_model(workload, bindings)
     tx = optimizers.make_optimizer(learning_rate=1e-4)
     partitioner = partitioning.Partitioner(mesh_shape=mesh_shape)
@@ -64,6 +65,7 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - t0) / steps
         profile = _profile(compiled, state, batch, rng, profile_dir, profile_steps)
+        parts = _breakdown(model, state, batch, steps) if breakdown else None
     n = jax.device_count()
     ex_flops = workloads.flops_per_example(model, workload)
     tokens = workload.batch_size * workloads.tokens_per_example(workload)
@@ -82,8 +84,24 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         "mfu": ex_flops * workload.batch_size / step_s / (n * peak_flops),
         "compile_s": compile_s, "peak_memory_gib": _peak_memory_gib(),
         "loss_first": first_loss, "loss_last": float(metrics["loss"]),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "profile": profile,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "profile": profile, "breakdown": parts,
     }
+
+
+def _breakdown(model, state, batch, steps: int) -> dict[str, float]:
+    """Seconds of the forward (loss) and forward + backward (loss and gradients) alone, timed like
+    the step; the rest of the step is clipping + the optimizer update."""
+    fns = {"forward_s": jax.jit(lambda p, b: model.loss_fn(p, b, None)[0]),
+           "forward_backward_s": jax.jit(jax.value_and_grad(lambda p, b: model.loss_fn(p, b, None)[0]))}
+    out = {}
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(state.params, batch))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            res = fn(state.params, batch)
+        jax.block_until_ready(res)
+        out[name] = (time.perf_counter() - t0) / steps
+    return out
 
 
 def _profile(compiled, state, batch, rng, profile_dir: str | None, steps: int) -> dict | None:
@@ -113,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes (-1 = the rest)")
     p.add_argument("--profile_dir", default=None, help="trace extra steps here (perfetto + xplane)")
     p.add_argument("--profile_steps", type=int, default=3)
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the forward and forward + backward alone")
     p.add_argument("--out", default=None, help="append the result as a json line to this file")
     args, rest = p.parse_known_args(argv)
     bindings = tuple(r[len("--gin."):] for r in rest if r.startswith("--gin."))
@@ -123,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(w, steps=args.steps, warmup=args.warmup,
                  mesh_shape=tuple(int(x) for x in args.mesh.split(",")),
                  microbatches=args.microbatches, bindings=bindings, profile_dir=args.profile_dir,
-                 profile_steps=args.profile_steps)
+                 profile_steps=args.profile_steps, breakdown=args.breakdown)
     if not np.isfinite(result["loss_last"]):
         print(f"non-finite loss {result['loss_last']}", file=sys.stderr)
     workloads.emit(result, args.out)

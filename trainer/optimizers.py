@@ -51,11 +51,18 @@ def make_optimizer(*, name: str = "adamw", learning_rate: Schedule | float | Non
                    weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95,
                    eps: float = 1e-8, clip_norm: float | None = 1.0,
                    adafactor_decay_rate: float = 0.8,
-                   adafactor_momentum: float | None = None) -> optax.GradientTransformation:
-    """Global-norm clipping followed by AdamW or Adafactor with `learning_rate` (default schedule)."""
+                   adafactor_momentum: float | None = None,
+                   mu_dtype: str | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping followed by AdamW or Adafactor with `learning_rate` (default schedule).
+
+    `mu_dtype` (AdamW, e.g. "bfloat16") stores the first moment in that dtype: a quarter less
+    optimizer memory and traffic; the second moment stays fp32 (its small values need the range)."""
     lr = make_schedule() if learning_rate is None else learning_rate
+    if mu_dtype is not None and name != "adamw":
+        raise ValueError(f"make_optimizer.mu_dtype applies to adamw only, not {name!r}")
     if name == "adamw":
-        opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+        opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask,
+                          mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype))
     elif name == "adafactor":
         opt = optax.adafactor(lr, decay_rate=adafactor_decay_rate, momentum=adafactor_momentum,
                               multiply_by_parameter_scale=False, clipping_threshold=None,

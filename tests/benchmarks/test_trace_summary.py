@@ -56,4 +56,14 @@ def test_train_throughput_profile_on_cpu_reports_why_there_is_no_summary(tmp_pat
                                bindings=("VOCAB_SIZE = 512",), profile_dir=str(tmp_path),
                                profile_steps=1)
     assert "no device stream kernels" in out["profile"]["error"]
+    assert out["breakdown"] is None
     assert list(tmp_path.rglob("perfetto_trace.json.gz"))
+
+
+def test_train_throughput_breakdown_times_forward_and_backward_alone():
+    w = workloads.get_workload("t5_tiny", batch_size=8)
+    out = train_throughput.run(w, steps=2, warmup=1, mesh_shape=(-1, 1, 1),
+                               bindings=("VOCAB_SIZE = 512", "make_optimizer.mu_dtype = 'bfloat16'"),
+                               breakdown=True)
+    parts = out["breakdown"]
+    assert set(parts) == {"forward_s", "forward_backward_s"} and min(parts.values()) > 0

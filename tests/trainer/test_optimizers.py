@@ -60,3 +60,19 @@ def test_weight_decay_applies_to_matrices_only():
 def test_unknown_optimizer_names_the_binding():
     with pytest.raises(ValueError, match="make_optimizer.name"):
         optimizers.make_optimizer(name="sgd")
+
+
+def test_bf16_first_moment_stores_bf16_and_tracks_fp32_updates():
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)}
+    grads = {"w": jnp.linspace(0.5, -0.3, 12).reshape(4, 3)}
+    full = optimizers.make_optimizer(learning_rate=0.01, clip_norm=None)
+    half = optimizers.make_optimizer(learning_rate=0.01, clip_norm=None, mu_dtype="bfloat16")
+    s_full, s_half = full.init(params), half.init(params)
+    for _ in range(3):
+        u_full, s_full = full.update(grads, s_full, params)
+        u_half, s_half = half.update(grads, s_half, params)
+    mu = [x for x in jax.tree.leaves(s_half) if getattr(x, "shape", ()) == (4, 3)]
+    assert sorted(str(x.dtype) for x in mu) == ["bfloat16", "float32"]  # mu bf16, nu fp32
+    np.testing.assert_allclose(u_half["w"], u_full["w"], rtol=2e-2, atol=1e-5)
+    with pytest.raises(ValueError, match="mu_dtype"):
+        optimizers.make_optimizer(name="adafactor", mu_dtype="bfloat16")
