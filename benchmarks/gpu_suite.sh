@@ -4,7 +4,7 @@
 # json lines, plus a log per run. Works from a plain checkout: the zhchat namespace is assembled
 # from symlinks when the package is not installed (GPU images without a build toolchain).
 #   bash benchmarks/gpu_suite.sh PART... (quick | train | decoder_tune | decoder_profile | t5 |
-#   hf_compile | final | decode)
+#   hf_compile | final | decode | decoder_variants | t5_ours | hf_all | mu_bf16)
 set -u
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- train decode
@@ -78,7 +78,35 @@ for what in "$@"; do case "$what" in
       run decode_t5_large_$system 240 python3 -m zhchat.benchmarks.decode_throughput \
         --workload=t5_large --repeats=2 --prompt_len=512 --systems=$system
     done ;;
-  *) echo "unknown part $what (quick|train|decoder_tune|decoder_profile|t5|hf_compile|final|decode)"; exit 2 ;;
+  decoder_variants)  # packed vs unpacked rows (static causal path), unrolled layers, batch 16
+    run ours_decoder_1b_packed 110 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --breakdown "$(prof decoder_1b_packed)" \
+      --hlo_out="$out/decoder_1b_packed.hlo.txt"
+    run ours_decoder_1b_unpacked 110 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --unpacked --breakdown "$(prof decoder_1b_unpacked)" \
+      --hlo_out="$out/decoder_1b_unpacked.hlo.txt"
+    run ours_decoder_1b_unpacked_unrolled 150 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=False
+    run ours_decoder_1b_unpacked_b16 100 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --unpacked --batch_size=16 ;;
+  t5_ours)  # our T5-large at 64 (profiled, broken down, HLO) and at 32
+    run ours_t5_large 150 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
+      --steps=$steps --breakdown "$(prof t5_large)" --hlo_out="$out/t5_large.hlo.txt"
+    run ours_t5_large_b32 100 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
+      --steps=$steps --batch_size=32 ;;
+  hf_all)  # HF on both workloads, eager and torch.compile (T5 at 32: 64 does not fit HF)
+    run hf_t5_large_b32 100 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
+      --steps=$steps --batch_size=32
+    run hf_decoder_1b 100 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
+      --steps=$steps
+    run hf_decoder_1b_compile 180 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
+      --steps=$steps --compile
+    run hf_t5_large_b32_compile 200 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
+      --steps=$steps --batch_size=32 --compile ;;
+  mu_bf16)  # AdamW with a bf16 first moment
+    run ours_decoder_1b_unpacked_mu_bf16 100 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --unpacked "--gin.make_optimizer.mu_dtype='bfloat16'" ;;
+  *) echo "unknown part $what"; exit 2 ;;
 esac; done
 # bring the perfetto traces back at a shallow path (deep folders are not returned) and drop the
 # xplane protos (large)

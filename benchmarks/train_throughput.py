@@ -7,7 +7,12 @@ attention counted as half), peak device memory and compile time.
 
     python -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=10 \
         [--mesh=-1,1,1] [--microbatches=1] [--gin.DecoderConfig.remat_policy="'full'"] \
-        [--profile_dir=DIR] [--breakdown] [--gin.make_optimizer.mu_dtype="'bfloat16'"]
+        [--profile_dir=DIR] [--breakdown] [--gin.make_optimizer.mu_dtype="'bfloat16'"] \
+        [--unpacked] [--hlo_out=FILE]
+
+`--unpacked` drops the decoder batch's segment ids and positions (one document per row, as the HF
+baseline's batch), so attention takes the static causal path; `--hlo_out` writes the compiled step's
+optimised HLO (to map profile kernel names such as `loop_add_fusion_2` onto the ops they fuse).
 """
 
 from __future__ import annotations
@@ -36,14 +41,15 @@ def _peak_memory_gib() -> float | None:
 def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tuple[int, ...],
         microbatches: int = 1, bindings: tuple[str, ...] = (),
         peak_flops: float = flops_lib.H100_BF16_PEAK_FLOPS, profile_dir: str | None = None,
-        profile_steps: int = 3, breakdown: bool = False) -> dict[str, Any]:
+        profile_steps: int = 3, breakdown: bool = False, packed: bool = True,
+        hlo_out: str | None = None) -> dict[str, Any]:
     """Compiles and times `steps` steps after `warmup` ones; returns the metrics dict. With
     `profile_dir`, `profile_steps` more steps are traced there and summarised (trace_summary);
     with `breakdown`, the forward and forward + backward are also timed alone."""
     model = workloads.load_model(workload, bindings)
     tx = optimizers.make_optimizer(learning_rate=1e-4)
     partitioner = partitioning.Partitioner(mesh_shape=mesh_shape)
-    host_batch = workloads.synthetic_batch(workload, model.config.vocab_size)
+    host_batch = workloads.synthetic_batch(workload, model.config.vocab_size, packed=packed)
     shapes = {k: (v.shape[0] // microbatches,) + v.shape[1:] for k, v in host_batch.items()}
     rng = jax.random.key(0)
     _, state_sh, init_fn = train_lib.init_shardings(model, tx, partitioner, shapes, rng)
@@ -55,6 +61,9 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         lowered = step.lower(state, batch, rng)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
+        if hlo_out:
+            with open(hlo_out, "w") as f:
+                f.write(compiled.as_text())
         for _ in range(max(warmup, 1)):
             state, metrics = compiled(state, batch, rng)
         jax.block_until_ready(metrics)
@@ -76,6 +85,7 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         "versions": {"jax": jax.__version__, "flax": __import__("flax").__version__},
         "batch_size": workload.batch_size, "seq_len": workload.seq_len,
         "inputs_len": workload.inputs_len, "microbatches": microbatches,
+        "packed": packed and workload.kind == "decoder",
         "num_params": model.num_params(), "steps": steps,
         "config": {k: getattr(cfg, k) for k in ("remat_policy", "scan_layers", "attention_impl",
                                                 "dtype") if hasattr(cfg, k)},
@@ -133,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--breakdown", action="store_true",
                    help="also time the forward and forward + backward alone")
+    p.add_argument("--unpacked", action="store_true",
+                   help="decoder batch without segment ids / positions (static causal attention)")
+    p.add_argument("--hlo_out", default=None, help="write the compiled step's optimised HLO here")
     p.add_argument("--out", default=None, help="append the result as a json line to this file")
     args, rest = p.parse_known_args(argv)
     bindings = tuple(r[len("--gin."):] for r in rest if r.startswith("--gin."))
@@ -143,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(w, steps=args.steps, warmup=args.warmup,
                  mesh_shape=tuple(int(x) for x in args.mesh.split(",")),
                  microbatches=args.microbatches, bindings=bindings, profile_dir=args.profile_dir,
-                 profile_steps=args.profile_steps, breakdown=args.breakdown)
+                 profile_steps=args.profile_steps, breakdown=args.breakdown,
+                 packed=not args.unpacked, hlo_out=args.hlo_out)
     if not np.isfinite(result["loss_last"]):
         print(f"non-finite loss {result['loss_last']}", file=sys.stderr)
     workloads.emit(result, args.out)

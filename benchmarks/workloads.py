@@ -60,9 +60,11 @@ def load_model(workload: Workload, bindings: list[str] | tuple[str, ...] = ()) -
     return gin.query_parameter("%MODEL").scoped_configurable_fn()
 
 
-def synthetic_batch(workload: Workload, vocab_size: int, seed: int = 0) -> dict[str, Any]:
-    """One batch of uniformly random tokens (numpy, seqio model-feature names), no padding; decoder
-    rows carry segment ids and positions (packing-ready), encoder-decoder rows none (unpacked)."""
+def synthetic_batch(workload: Workload, vocab_size: int, seed: int = 0, *, packed: bool = True
+                    ) -> dict[str, Any]:
+    """One batch of uniformly random tokens (numpy, seqio model-feature names), no padding. Decoder
+    rows carry segment ids and positions (packing-ready) unless `packed=False`; encoder-decoder rows
+    never do (unpacked, as seqio's EncDecFeatureConverter(pack=False))."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -72,9 +74,10 @@ def synthetic_batch(workload: Workload, vocab_size: int, seed: int = 0) -> dict[
              "decoder_segment_ids": np.ones((b, t), np.int32),
              "decoder_positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
              "decoder_loss_weights": np.ones((b, t), np.float32)}
-    if workload.kind == "encdec":  # unpacked, as seqio's EncDecFeatureConverter(pack=False)
+    if workload.kind == "encdec" or not packed:
         for k in ("decoder_segment_ids", "decoder_positions"):
             del batch[k]
+    if workload.kind == "encdec":
         batch["encoder_input_tokens"] = rng.integers(2, vocab_size, size=(b, workload.inputs_len),
                                                      dtype=np.int32)
     return batch
