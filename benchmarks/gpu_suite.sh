@@ -9,7 +9,7 @@ set -u
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- train decode
 out=$(realpath -m "${OUT:-out/bench}")
-mkdir -p "$out"
+mkdir -p "$out/logs" "$out/hlo"
 if ! (cd /tmp && python3 -c "import zhchat.models") 2>/dev/null; then
   ns=$(mktemp -d); mkdir -p "$ns/zhchat"; cp zhchat/__init__.py "$ns/zhchat/"
   for d in tasks models rl scripts trainer gin_configs benchmarks; do ln -s "$PWD/$d" "$ns/zhchat/$d"; done
@@ -20,8 +20,8 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM
 run() {  # run NAME TIMEOUT CMD...
   local name=$1 limit=$2; shift 2
   echo "== $name: $*" | tee -a "$out/suite.log"
-  timeout "$limit" "$@" --out="$out/results.jsonl" > "$out/$name.log" 2>&1
-  echo "   rc=$? $(tail -n 1 "$out/$name.log" | cut -c1-400)" | tee -a "$out/suite.log"
+  timeout "$limit" "$@" --out="$out/results.jsonl" > "$out/logs/$name.log" 2>&1
+  echo "   rc=$? $(tail -n 1 "$out/logs/$name.log" | cut -c1-400)" | tee -a "$out/suite.log"
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
@@ -81,17 +81,18 @@ for what in "$@"; do case "$what" in
   decoder_variants)  # packed vs unpacked rows (static causal path), unrolled layers, batch 16
     run ours_decoder_1b_packed 110 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --breakdown "$(prof decoder_1b_packed)" \
-      --hlo_out="$out/decoder_1b_packed.hlo.txt"
+      --hlo_out="$out/hlo/decoder_1b_packed.hlo.txt"
     run ours_decoder_1b_unpacked 110 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --unpacked --breakdown "$(prof decoder_1b_unpacked)" \
-      --hlo_out="$out/decoder_1b_unpacked.hlo.txt"
+      --hlo_out="$out/hlo/decoder_1b_unpacked.hlo.txt"
     run ours_decoder_1b_unpacked_unrolled 150 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=False
+      --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=False \
+      "$(prof decoder_1b_unpacked_unrolled)"
     run ours_decoder_1b_unpacked_b16 100 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --unpacked --batch_size=16 ;;
   t5_ours)  # our T5-large at 64 (profiled, broken down, HLO) and at 32
     run ours_t5_large 150 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps --breakdown "$(prof t5_large)" --hlo_out="$out/t5_large.hlo.txt"
+      --steps=$steps --breakdown "$(prof t5_large)" --hlo_out="$out/hlo/t5_large.hlo.txt"
     run ours_t5_large_b32 100 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
       --steps=$steps --batch_size=32 ;;
   hf_all)  # HF on both workloads, eager and torch.compile (T5 at 32: 64 does not fit HF)
@@ -108,12 +109,18 @@ for what in "$@"; do case "$what" in
       --workload=decoder_1b --steps=$steps --unpacked "--gin.make_optimizer.mu_dtype='bfloat16'" ;;
   *) echo "unknown part $what"; exit 2 ;;
 esac; done
-# bring the perfetto traces back at a shallow path (deep folders are not returned) and drop the
-# xplane protos (large)
+# at most 8 files come back from a device call: results.jsonl, suite.log, env.txt, and the logs,
+# optimised HLO and perfetto traces in one archive (split into 15 MB parts when larger); the
+# xplane protos stay behind (large)
 for d in "$out"/profiles/*/; do
   [ -d "$d" ] || continue
   t=$(find "$d" -name perfetto_trace.json.gz | head -n 1)
   [ -n "$t" ] && cp "$t" "$out/profiles/$(basename "$d").perfetto_trace.json.gz"
 done
 find "$out/profiles" -mindepth 1 -type d -prune -exec rm -rf {} + 2>/dev/null
+tar czf "$out/bundle.tgz" -C "$out" logs hlo $( [ -d "$out/profiles" ] && echo profiles ) \
+  && rm -rf "$out/logs" "$out/hlo" "$out/profiles"
+if [ "$(stat -c %s "$out/bundle.tgz")" -gt 15000000 ]; then
+  split -b 15000000 -d "$out/bundle.tgz" "$out/bundle.tgz.part" && rm "$out/bundle.tgz"
+fi
 exit 0

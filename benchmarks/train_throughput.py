@@ -73,7 +73,7 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
             state, metrics = compiled(state, batch, rng)
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - t0) / steps
-        profile = _profile(compiled, state, batch, rng, profile_dir, profile_steps)
+        state, profile = _profile(compiled, state, batch, rng, profile_dir, profile_steps)
         parts = _breakdown(model, state, batch, steps) if breakdown else None
     n = jax.device_count()
     ex_flops = workloads.flops_per_example(model, workload)
@@ -114,19 +114,20 @@ def _breakdown(model, state, batch, steps: int) -> dict[str, float]:
     return out
 
 
-def _profile(compiled, state, batch, rng, profile_dir: str | None, steps: int) -> dict | None:
-    """Traces `steps` steps into `profile_dir` and returns the kernel-time summary (or the reason
-    there is none, e.g. no device kernels on CPU)."""
+def _profile(compiled, state, batch, rng, profile_dir: str | None, steps: int
+             ) -> tuple[Any, dict | None]:
+    """Traces `steps` steps into `profile_dir`; returns the new state (the step donates the old
+    one) and the kernel-time summary (or the reason there is none, e.g. no kernels on CPU)."""
     if not profile_dir:
-        return None
+        return state, None
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
         for _ in range(steps):
             state, metrics = compiled(state, batch, rng)
         jax.block_until_ready(metrics)
     try:
-        return trace_summary.summarize_dir(profile_dir, steps=steps)
+        return state, trace_summary.summarize_dir(profile_dir, steps=steps)
     except (FileNotFoundError, ValueError) as e:
-        return {"error": str(e)}
+        return state, {"error": str(e)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,27 @@ def test_train_throughput_and_hf_baseline_run_and_match_sizes(name):
         ours["tflops_per_device"] * ours["num_devices"] * ours["step_time_s"], rel=1e-6)
 
 
+def test_train_throughput_profile_breakdown_and_hlo_together(tmp_path):
+    """The step donates its state: profiling, then the forward/backward breakdown, must use the
+    state the profiled steps returned (a deleted-buffer error otherwise)."""
+    w = workloads.get_workload("decoder_tiny", batch_size=8)
+    hlo = tmp_path / "step.hlo.txt"
+    out = train_throughput.run(w, steps=1, warmup=1, mesh_shape=(-1, 1, 1), bindings=TINY_VOCAB,
+                               profile_dir=str(tmp_path / "prof"), profile_steps=1,
+                               breakdown=True, packed=False, hlo_out=str(hlo))
+    assert out["packed"] is False and out["profile"] is not None
+    assert 0 < out["breakdown"]["forward_s"] and 0 < out["breakdown"]["forward_backward_s"]
+    assert "ENTRY" in hlo.read_text()
+
+
+def test_unpacked_decoder_batch_has_no_segment_ids():
+    w = workloads.get_workload("decoder_tiny")
+    packed = workloads.synthetic_batch(w, 512)
+    unpacked = workloads.synthetic_batch(w, 512, packed=False)
+    assert set(packed) - set(unpacked) == {"decoder_segment_ids", "decoder_positions"}
+    assert (packed["decoder_input_tokens"] == unpacked["decoder_input_tokens"]).all()
+
+
 def test_decode_throughput_runs_both_systems_for_exact_lengths():
     w = workloads.get_workload("decoder_tiny")
     kw = dict(batch=2, prompt_len=4, new_tokens=5, repeats=1, top_k=5, bindings=TINY_VOCAB)
