@@ -29,6 +29,7 @@ run() {  # run NAME TIMEOUT CMD...
 steps=${STEPS:-10}
 remat() { echo "--gin.DecoderConfig.remat_policy='$1'"; }
 prof() { echo "--profile_dir=$out/profiles/$1"; }
+unroll="--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL"
 for what in "$@"; do case "$what" in
   quick)  # everything once, few steps: does the suite run on this machine?
     run quick_decoder 300 python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=3
@@ -107,6 +108,28 @@ for what in "$@"; do case "$what" in
   mu_bf16)  # AdamW with a bf16 first moment
     run ours_decoder_1b_unpacked_mu_bf16 100 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --unpacked "--gin.make_optimizer.mu_dtype='bfloat16'" ;;
+  variants2)  # no remat (unrolled decoder / scanned T5); XLA fully unrolling the scanned loops
+    run ours_decoder_1b_unrolled_remat_none 150 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=False \
+      "$(remat none)" "$(prof decoder_1b_unrolled_remat_none)"
+    XLA_FLAGS="$unroll" run ours_decoder_1b_xla_unroll 150 python3 -m \
+      zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=$steps --unpacked \
+      "$(prof decoder_1b_xla_unroll)"
+    run ours_t5_large_remat_none 120 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=t5_large --steps=$steps "--gin.T5Config.remat_policy='none'" \
+      "$(prof t5_large_remat_none)"
+    XLA_FLAGS="$unroll" run ours_t5_large_xla_unroll 150 python3 -m \
+      zhchat.benchmarks.train_throughput --workload=t5_large --steps=$steps "$(prof t5_large_xla_unroll)" ;;
+  hf_eager)  # HF eager on both workloads (T5 at 32: 64 does not fit HF on 80 GB)
+    run hf_t5_large_b32 100 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
+      --steps=$steps --batch_size=32
+    run hf_t5_large_b64 100 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
+      --steps=$steps
+    run hf_decoder_1b 100 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
+      --steps=$steps ;;
+  hf_t5_compile)
+    run hf_t5_large_b32_compile 200 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
+      --steps=$steps --batch_size=32 --compile ;;
   *) echo "unknown part $what"; exit 2 ;;
 esac; done
 # at most 8 files come back from a device call: results.jsonl, suite.log, env.txt, and the logs,
