@@ -123,8 +123,6 @@ for what in "$@"; do case "$what" in
   hf_eager)  # HF eager on both workloads (T5 at 32: 64 does not fit HF on 80 GB)
     run hf_t5_large_b32 100 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
       --steps=$steps --batch_size=32
-    run hf_t5_large_b64 100 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
-      --steps=$steps
     run hf_decoder_1b 100 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
       --steps=$steps ;;
   hf_t5_compile)
