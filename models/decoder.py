@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from zhchat.models import layers
+from zhchat.models.remat import REMAT_POLICIES, checkpoint_policy
 
 Array = jax.Array
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "nothing_saveable", "everything_saveable")
 
 
 @gin.configurable
@@ -182,8 +181,7 @@ class DecoderLayer(nn.Module):
 def _layer_class(cfg: DecoderConfig):
     if cfg.remat_policy == "none":
         return DecoderLayer
-    policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
-    return nn.remat(DecoderLayer, policy=policy, prevent_cse=not cfg.scan_layers)
+    return nn.remat(DecoderLayer, policy=checkpoint_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
 
 
 class Decoder(nn.Module):

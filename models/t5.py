@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from zhchat.models import layers, t5_layers
-from zhchat.models.decoder import REMAT_POLICIES
+from zhchat.models.remat import REMAT_POLICIES, checkpoint_policy
 
 Array = jax.Array
 _ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -127,9 +127,7 @@ def _layer_stack(layer: type[nn.Module], cfg: T5Config, num_layers: int, *, num_
     gain a leading "layers" axis. A layer takes `num_args` positional arguments, the last
     `num_static` of them Python values (static for remat); remat follows `remat_policy`."""
     if cfg.remat_policy != "none":
-        policy = (None if cfg.remat_policy == "full"
-                  else getattr(jax.checkpoint_policies, cfg.remat_policy))
-        layer = nn.remat(layer, policy=policy, prevent_cse=not cfg.scan_layers,
+        layer = nn.remat(layer, policy=checkpoint_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers,
                          # argnum 0 is the module itself
                          static_argnums=tuple(range(num_args - num_static + 1, num_args + 1)))
     if not cfg.scan_layers:

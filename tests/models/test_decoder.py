@@ -141,7 +141,8 @@ def test_scan_and_remat_match_unrolled_loss_and_grads():
     params = nn.unbox(base.init_params(jax.random.PRNGKey(0), {"decoder_input_tokens": (2, 8)}))
     grad_fn = lambda m, p: jax.jit(jax.value_and_grad(lambda p: m.loss_fn(p, batch, None)[0]))(p)
     loss, grads = grad_fn(base, params)
-    for scan, policy in ((True, "none"), (True, "dots_saveable"), (False, "full")):
+    for scan, policy in ((True, "none"), (True, "dots_saveable"), (False, "full"),
+                         (True, "dots_and_attention_saveable")):
         variant = DecoderOnlyModel(config=dataclasses.replace(TINY, scan_layers=scan,
                                                               remat_policy=policy))
         convert = (lambda t: _stack_layers(t, 2)) if scan else (lambda t: t)

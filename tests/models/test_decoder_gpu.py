@@ -82,3 +82,25 @@ def test_gpu_kv_cache_decoding_matches_xla():
                           max_decode_length=8)
     assert a.shape == (2, 8)
     assert np.mean(np.asarray(a) == np.asarray(b)) > 0.5  # bf16 vs fp32 may flip late argmaxes
+
+
+def test_attention_saving_remat_runs_each_attention_forward_once():
+    """"dots_with_no_batch_dims_saveable" recomputes cuDNN's attention forward in the backward
+    pass (the fused kernel is not a dot); "dots_and_attention_saveable" keeps its outputs."""
+    batch = {k: v for k, v in _batch(False).items()  # unpacked: the static causal path
+             if k not in ("decoder_segment_ids", "decoder_positions")}
+
+    def forward_calls(policy):
+        cfg = dataclasses.replace(CFG, remat_policy=policy)
+        model = DecoderOnlyModel(config=cfg)
+        params = nn.unbox(model.init_params(jax.random.PRNGKey(0), {"decoder_input_tokens": (1, 8)}))
+        fn = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0]))
+        hlo = fn.lower(params).compile().as_text()
+        return hlo.count('custom_call_target="__cudnn$fmhaSoftmax"'), fn(params)
+
+    (recomputed, (l1, g1)), (saved, (l2, g2)) = (forward_calls("dots_with_no_batch_dims_saveable"),
+                                                 forward_calls("dots_and_attention_saveable"))
+    assert recomputed == 2 * CFG.num_layers and saved == CFG.num_layers
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-2 * float(jnp.max(jnp.abs(b))) + 1e-6)

@@ -234,7 +234,7 @@ def test_scan_and_remat_match_unrolled_loss_and_grads(tiny, packed):
     loss, grads = grad_fn(base, params)
     stack = lambda t: _stack(_stack(t, "encoder", 2), "decoder", 2)  # noqa: E731
     for scan, policy in ((True, "none"), (True, "dots_with_no_batch_dims_saveable"),
-                         (False, "full")):
+                         (False, "full"), (True, "dots_and_attention_saveable")):
         variant = _model(dropout_rate=0.2, scan_layers=scan, remat_policy=policy)
         convert = stack if scan else (lambda t: t)
         v_loss, v_grads = grad_fn(variant, convert(params))
