@@ -15,6 +15,7 @@ if ! (cd /tmp && python3 -c "import zhchat.models") 2>/dev/null; then
   for d in tasks models rl scripts trainer gin_configs benchmarks; do ln -s "$PWD/$d" "$ns/zhchat/$d"; done
   export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
 fi
+repo=$PWD
 cd /tmp  # the checkout's own zhchat/ folder would shadow the assembled namespace
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 run() {  # run NAME TIMEOUT CMD...
@@ -128,6 +129,20 @@ for what in "$@"; do case "$what" in
   hf_t5_compile)
     run hf_t5_large_b32_compile 200 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
       --steps=$steps --batch_size=32 --compile ;;
+  variants3)  # the best measured decoder settings plus a bf16 first moment; attention-saving remat
+    run ours_decoder_1b_unrolled_none_mu_bf16 100 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=False \
+      "$(remat none)" "--gin.make_optimizer.mu_dtype='bfloat16'"
+    run ours_decoder_1b_attention_saveable 90 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --unpacked "$(remat dots_and_attention_saveable)"
+    run ours_t5_large_attention_saveable 100 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=t5_large --steps=$steps "--gin.T5Config.remat_policy='dots_and_attention_saveable'" \
+      "$(prof t5_large_attention_saveable)" ;;
+  gpu_tests)  # the GPU-only tests (cuDNN vs XLA attention, remat policies); conftest pins the CPU
+    echo "== gpu_tests" | tee -a "$out/suite.log"
+    JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider \
+      "$repo/tests/models/test_decoder_gpu.py" > "$out/logs/gpu_tests.log" 2>&1
+    echo "   rc=$? $(tail -n 1 "$out/logs/gpu_tests.log")" | tee -a "$out/suite.log" ;;
   *) echo "unknown part $what"; exit 2 ;;
 esac; done
 # at most 8 files come back from a device call: results.jsonl, suite.log, env.txt, and the logs,
