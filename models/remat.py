@@ -15,8 +15,11 @@ import jax
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "dots_and_attention_saveable", "nothing_saveable", "everything_saveable")
-# the forward primitives of jax's cuDNN attention (jax._src.cudnn.fused_attention_stablehlo)
-ATTENTION_PRIMITIVES = frozenset({"dot_product_attention_fwd", "dot_product_attention_fp8_fwd"})
+# the forward primitives of jax's cuDNN attention (jax._src.cudnn.fused_attention_stablehlo): its
+# custom_vjp binds the "_wrapper" ones at trace time, which is what a remat policy sees
+ATTENTION_PRIMITIVES = frozenset({"dot_product_attention_fwd_wrapper", "dot_product_attention_fwd",
+                                  "dot_product_attention_fp8_fwd_wrapper",
+                                  "dot_product_attention_fp8_fwd"})
 
 
 def _dots_and_attention_saveable(prim: Any, *avals: Any, **params: Any) -> bool:
