@@ -138,6 +138,17 @@ for what in "$@"; do case "$what" in
     run ours_t5_large_attention_saveable 100 python3 -m zhchat.benchmarks.train_throughput \
       --workload=t5_large --steps=$steps "--gin.T5Config.remat_policy='dots_and_attention_saveable'" \
       "$(prof t5_large_attention_saveable)" ;;
+  t5_unrolled)  # T5-large with unrolled stacks (init through a scanned twin), attention-saving remat
+    run ours_t5_large_unrolled 200 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=t5_large --steps=$steps --gin.T5Config.scan_layers=False "$(prof t5_large_unrolled)"
+    run ours_t5_large_unrolled_attention_saveable 200 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=t5_large --steps=$steps --gin.T5Config.scan_layers=False \
+      "--gin.T5Config.remat_policy='dots_and_attention_saveable'"
+    run ours_t5_large_attention_saveable 100 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=t5_large --steps=$steps "--gin.T5Config.remat_policy='dots_and_attention_saveable'"
+    run ours_decoder_1b_scanned_attention_saveable 90 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=True \
+      "$(remat dots_and_attention_saveable)" ;;
   gpu_tests)  # the GPU-only tests (cuDNN vs XLA attention, remat policies); conftest pins the CPU
     echo "== gpu_tests" | tee -a "$out/suite.log"
     JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider \

@@ -267,3 +267,33 @@ def test_scanned_params_have_a_layers_axis_and_decode_like_unrolled(tiny):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="remat_policy"):
         t5.T5Config(remat_policy="sometimes")
+
+
+def test_unrolled_init_is_a_scanned_init_split_per_layer():
+    """Unrolled stacks are initialised through a scanned twin (one initialiser per stacked weight):
+    the same tree, shapes and logical names as the unrolled module's own init, and layer i holds
+    slice i of the scanned init drawn from the same rng."""
+    unrolled, scanned = _model(), _model(scan_layers=True)
+    shapes = {"encoder_input_tokens": (2, 12), "decoder_input_tokens": (2, 7)}
+    rng = jax.random.PRNGKey(3)
+    got = unrolled.init_params(rng, shapes)
+    own = jax.eval_shape(lambda: unrolled.module.init(
+        rng, jnp.ones((2, 12), jnp.int32), jnp.ones((2, 7), jnp.int32))["params"])
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    assert (jax.tree_util.tree_structure(got, is_leaf=is_box)
+            == jax.tree_util.tree_structure(own, is_leaf=is_box))
+    for a, b in zip(jax.tree_util.tree_leaves(got, is_leaf=is_box),
+                    jax.tree_util.tree_leaves(own, is_leaf=is_box)):
+        assert a.names == b.names and a.value.shape == b.value.shape
+    stacked = scanned.init_params(rng, shapes)
+    for i in range(2):
+        np.testing.assert_array_equal(
+            got[f"decoder_{i}"]["mlp"]["wo"]["kernel"].value,
+            stacked["decoder"]["mlp"]["wo"]["kernel"].value[i])
+    direct = unrolled.module.init(rng, jnp.ones((2, 12), jnp.int32),
+                                  jnp.ones((2, 7), jnp.int32))["params"]
+    for path in (("encoder_1", "attention", "query", "kernel"), ("decoder_0", "mlp", "wi_0", "kernel")):
+        a, b = got, direct
+        for k in path:
+            a, b = a[k], b[k]
+        assert float(jnp.std(a.value)) == pytest.approx(float(jnp.std(b.value)), rel=0.15), path
