@@ -181,7 +181,8 @@ class DecoderLayer(nn.Module):
 def _layer_class(cfg: DecoderConfig):
     if cfg.remat_policy == "none":
         return DecoderLayer
-    return nn.remat(DecoderLayer, policy=checkpoint_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
+    return nn.remat(DecoderLayer, policy=checkpoint_policy(cfg.remat_policy),
+                    prevent_cse=not cfg.scan_layers)
 
 
 class Decoder(nn.Module):

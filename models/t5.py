@@ -127,7 +127,8 @@ def _layer_stack(layer: type[nn.Module], cfg: T5Config, num_layers: int, *, num_
     gain a leading "layers" axis. A layer takes `num_args` positional arguments, the last
     `num_static` of them Python values (static for remat); remat follows `remat_policy`."""
     if cfg.remat_policy != "none":
-        layer = nn.remat(layer, policy=checkpoint_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers,
+        layer = nn.remat(layer, policy=checkpoint_policy(cfg.remat_policy),
+                         prevent_cse=not cfg.scan_layers,
                          # argnum 0 is the module itself
                          static_argnums=tuple(range(num_args - num_static + 1, num_args + 1)))
     if not cfg.scan_layers:
