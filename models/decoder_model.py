@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zhchat.models import decoding, flops
+from zhchat.models import decoding, flops, stacks
 from zhchat.models.base_model import Batch, BaseModel, Params
 from zhchat.models.decoder import Decoder, DecoderConfig, model_kwargs
 
@@ -87,9 +87,13 @@ class DecoderOnlyModel(BaseModel):
 
     # ---- parameters -------------------------------------------------------------------------
     def init_params(self, rng: jax.Array, batch_shapes: Mapping[str, tuple]) -> Params:
-        """Boxed (nn.LogicallyPartitioned) parameters; only decoder_input_tokens' shape matters."""
+        """Boxed (nn.LogicallyPartitioned) parameters; only decoder_input_tokens' shape matters.
+        Unrolled layers are initialised as a scanned stack and split (models/stacks.py)."""
         shape = tuple(batch_shapes["decoder_input_tokens"])
-        return self.module.init(rng, jnp.ones(shape, jnp.int32))["params"]
+        if self.config.scan_layers:
+            return self.module.init(rng, jnp.ones(shape, jnp.int32))["params"]
+        twin = Decoder(dataclasses.replace(self.config, scan_layers=True))
+        return self._split_stacks(twin.init(rng, jnp.ones(shape, jnp.int32))["params"])
 
     def abstract_params(self, batch_shapes: Mapping[str, tuple] | None = None) -> Params:
         """Parameter ShapeDtypeStructs (boxed) via jax.eval_shape: nothing is allocated."""
@@ -142,13 +146,10 @@ class DecoderOnlyModel(BaseModel):
     # ---- decoding ---------------------------------------------------------------------------
     def decode_params(self, params: Params) -> Params:
         """`params` in the unrolled layout of `decode_module` (scanned layers split per layer)."""
-        if not self.config.scan_layers:
-            return params
-        params = dict(params)
-        stacked = params.pop("layers")
-        for i in range(self.config.num_layers):
-            params[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
-        return params
+        return params if not self.config.scan_layers else self._split_stacks(params)
+
+    def _split_stacks(self, params: Params) -> Params:
+        return stacks.split_stacks(params, {"layers": self.config.num_layers})
 
     def init_cache(self, batch_size: int, cache_len: int) -> Any:
         """Zeroed KV cache for `cache_len` slots (shapes from jax.eval_shape, no parameters made)."""

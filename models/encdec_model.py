@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zhchat.models import encdec_decoding
+from zhchat.models import encdec_decoding, stacks
 from zhchat.models.base_model import Batch, BaseModel, Params
 from zhchat.models.decoder_model import cross_entropy_with_logits, weighted_token_loss
 from zhchat.models.t5 import T5, T5Config
@@ -53,9 +53,9 @@ class EncoderDecoderModel(BaseModel):
         """Boxed parameters. Shapes do not depend on lengths (relative positions are bucketed), so
         a missing encoder shape (the trainer passes decoder shapes) reuses the decoder's.
 
-        Unrolled stacks are initialised as scanned ones and split per layer: one initialiser per
-        stacked weight instead of one per layer and weight (T5-large: 559 RNG programs, ~1 minute
-        of compile before the first step; the same distributions either way)."""
+        Unrolled stacks are initialised as scanned ones and split per layer (models/stacks.py:
+        T5-large unrolled has 559 weights, ~1 minute of init compile otherwise; the same
+        distributions either way)."""
         dec = tuple(batch_shapes["decoder_input_tokens"])
         enc = tuple(batch_shapes.get("encoder_input_tokens", dec))
         module = self.module if self.config.scan_layers else T5(
@@ -129,24 +129,9 @@ class EncoderDecoderModel(BaseModel):
         return params if not self.config.scan_layers else self._split_stacks(params)
 
     def _split_stacks(self, params: Params) -> Params:
-        """Scanned stacks `encoder`/`decoder` (leading "layers" axis) as layers `encoder_i`...;
-        boxed leaves keep their logical names minus "layers"."""
-        def layer(x, i):
-            if isinstance(x, nn.Partitioned):
-                if x.names[0] != "layers":
-                    raise ValueError(f"expected a scanned parameter, got axes {x.names}")
-                return x.replace(value=x.value[i], names=x.names[1:])
-            return x[i]
-
-        params = dict(params)
-        for name, n in (("encoder", self.config.num_encoder_layers),
-                        ("decoder", self.config.num_decoder_layers)):
-            stacked = params.pop(name)
-            for i in range(n):
-                params[f"{name}_{i}"] = jax.tree_util.tree_map(
-                    lambda x, i=i: layer(x, i), stacked,
-                    is_leaf=lambda x: isinstance(x, nn.Partitioned))
-        return params
+        cfg = self.config
+        return stacks.split_stacks(params, {"encoder": cfg.num_encoder_layers,
+                                            "decoder": cfg.num_decoder_layers})
 
     def init_cache(self, params: Params, encoded: jnp.ndarray, encoder_segment_ids: jnp.ndarray,
                    max_decode_length: int) -> Any:

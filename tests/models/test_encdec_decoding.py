@@ -11,14 +11,13 @@ from zhchat.models.encdec_model import EncoderDecoderModel
 
 VOCAB = 64
 LENGTH = 8
-EOS = 59  # a token these random weights emit often, so rows stop at different steps
 
 
 @pytest.fixture(scope="module")
 def setup():
     cfg = t5.T5Config(vocab_size=VOCAB, d_model=32, num_heads=4, head_dim=8, d_ff=64,
                       num_encoder_layers=2, num_decoder_layers=2, dtype="float32")
-    model = EncoderDecoderModel(config=cfg, eos_id=EOS)
+    model = EncoderDecoderModel(config=cfg, eos_id=1)
     shapes = {"encoder_input_tokens": (3, 10), "decoder_input_tokens": (3, LENGTH)}
     params = nn.unbox(jax.jit(lambda r: model.init_params(r, shapes))(jax.random.PRNGKey(3)))
     # sharpen the output layer so that greedy paths are decisive
@@ -27,7 +26,13 @@ def setup():
     enc = rng.integers(2, VOCAB, size=(3, 10)).astype(np.int32)
     enc[1, 6:] = 0  # a padded row
     enc[2, 3:] = 0
-    return model, params, enc
+    # EOS: the token these random weights emit most often among those some greedy rows never
+    # emit, so rows stop at different steps (chosen from the weights, not hard-coded)
+    greedy, _ = _full_greedy(model, params, enc)
+    in_rows = np.array([[(row == tok).any() for row in greedy] for tok in range(VOCAB)])
+    counts = np.where(in_rows.any(1) & ~in_rows.all(1), np.bincount(greedy.ravel(), minlength=VOCAB), -1)
+    assert counts.max() > 0
+    return EncoderDecoderModel(config=cfg, eos_id=int(np.argmax(counts))), params, enc
 
 
 def _full_greedy(model, params, enc):
@@ -65,6 +70,7 @@ def test_cached_decoding_equals_full_recompute(setup):
     np.testing.assert_allclose(cached_logits(params, enc, ref_tokens), ref_logits, atol=1e-4, rtol=1e-4)
     greedy = np.asarray(model.predict_batch(params, {"encoder_input_tokens": enc}, None,
                                             max_decode_length=LENGTH))
+    EOS = model.eos_id
     for row, ref in zip(greedy, ref_tokens):  # identical up to (and including) the first EOS
         stop = int(np.argmax(ref == EOS)) + 1 if (ref == EOS).any() else LENGTH
         np.testing.assert_array_equal(row[:stop], ref[:stop])
@@ -90,7 +96,7 @@ def test_beam_one_equals_greedy(setup, alpha):
     beam = np.asarray(model.predict_batch(params, {"encoder_input_tokens": enc}, None,
                                           max_decode_length=LENGTH, beam_size=1, alpha=alpha))
     if alpha > 0:  # with a length penalty a longer hypothesis may win; compare only EOS-free rows
-        keep = ~(greedy == EOS).any(1)
+        keep = ~(greedy == model.eos_id).any(1)
         greedy, beam = greedy[keep], beam[keep]
     np.testing.assert_array_equal(beam, greedy)
 
@@ -100,7 +106,7 @@ def test_beam_search_scores_are_sorted_and_exact(setup):
     seqs, scores = model.predict_batch(params, {"encoder_input_tokens": enc}, None,
                                        max_decode_length=LENGTH, beam_size=4, alpha=0.6,
                                        return_all_beams=True)
-    seqs, scores = np.asarray(seqs), np.asarray(scores)
+    seqs, scores, EOS = np.asarray(seqs), np.asarray(scores), model.eos_id
     assert seqs.shape == (3, 4, LENGTH) and scores.shape == (3, 4)
     assert (np.diff(scores, axis=1) <= 1e-6).all()
     # each score is the teacher-forced log-probability of its sequence over the length penalty
