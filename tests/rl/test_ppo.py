@@ -13,8 +13,8 @@ METRICS = ("reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "respo
            "approx_kl", "explained_variance", "rollout_tokens_per_sec", "train_tokens_per_sec")
 
 
-def check_reward_rises(arch: str, tmp_path) -> None:
-    out = run(arch, iterations=24, run_dir=str(tmp_path), kl_coef=0.15, lr=2e-3)
+def check_reward_rises(arch: str, tmp_path, iterations: int = 24) -> None:
+    out = run(arch, iterations=iterations, run_dir=str(tmp_path), kl_coef=0.15, lr=2e-3)
     hist = out["history"]
     first = np.mean([h["reward_mean"] for h in hist[:4]])
     last = np.mean([h["reward_mean"] for h in hist[-4:]])
@@ -25,11 +25,13 @@ def check_reward_rises(arch: str, tmp_path) -> None:
     for key in METRICS:
         assert np.isfinite(hist[-1][key]), key
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert len(lines) == 24 and all(f"ppo/{k}" in lines[-1] for k in METRICS)
+    assert len(lines) == iterations and all(f"ppo/{k}" in lines[-1] for k in METRICS)
 
 
 def test_decoder_ppo_raises_toy_reward(tmp_path):
-    check_reward_rises("decoder", tmp_path)
+    # 32 iterations: from this init the reward climbs from ~0.1 to ~1.5 by iteration 24 and to
+    # ~4 by 32 (of at most 8), with the KL still under 17 nats
+    check_reward_rises("decoder", tmp_path, iterations=32)
 
 
 def test_ppo_resumes_from_checkpoint(tmp_path):
