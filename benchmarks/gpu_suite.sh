@@ -3,8 +3,9 @@
 # for the ~1B decoder and T5 v1.1-large, in one call. Results go to $OUT (default out/bench) as
 # json lines, plus a log per run. Works from a plain checkout: the zhchat namespace is assembled
 # from symlinks when the package is not installed (GPU images without a build toolchain).
-#   bash benchmarks/gpu_suite.sh PART... (quick | train | decoder_tune | decoder_profile | t5 |
-#   hf_compile | final | decode | decoder_variants | t5_ours | hf_all | mu_bf16)
+#   bash benchmarks/gpu_suite.sh PART... (quick | train | hf_compile | hf_t5_compile | decode |
+#   decoder_tune | final | decoder_variants | t5_ours | mu_bf16 | variants2 | hf_eager | variants3 |
+#   t5_unrolled | gpu_tests)
 set -u
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- train decode
@@ -50,20 +51,6 @@ for what in "$@"; do case "$what" in
       --workload=decoder_1b --steps=$steps "$(remat dots_saveable)"
     run ours_decoder_1b_b16_mb2_remat_none 120 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --batch_size=16 --microbatches=2 "$(remat none)" ;;
-  t5)  # T5-large: ours at 64 (profiled, broken down) and at 32; HF at 32 (64 does not fit HF)
-    run ours_t5_large 150 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps --breakdown "$(prof t5_large)"
-    run ours_t5_large_b32 120 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps --batch_size=32
-    run hf_t5_large_b32 120 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
-      --steps=$steps --batch_size=32
-    run hf_t5_large_b32_compile 240 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
-      --steps=$steps --batch_size=32 --compile ;;
-  decoder_profile)  # the preset profiled and broken down; bf16 first Adam moment
-    run ours_decoder_1b_profiled 120 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --breakdown "$(prof decoder_1b)"
-    run ours_decoder_1b_mu_bf16 100 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps "--gin.make_optimizer.mu_dtype='bfloat16'" ;;
   hf_compile)  # the HF decoder under torch.compile
     run hf_decoder_1b_compile 240 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
       --steps=$steps --compile ;;
@@ -100,15 +87,6 @@ for what in "$@"; do case "$what" in
       --steps=$steps --breakdown "$(prof t5_large)" --hlo_out="$out/hlo/t5_large.hlo.txt"
     run ours_t5_large_b32 100 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
       --steps=$steps --batch_size=32 ;;
-  hf_all)  # HF on both workloads, eager and torch.compile (T5 at 32: 64 does not fit HF)
-    run hf_t5_large_b32 100 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
-      --steps=$steps --batch_size=32
-    run hf_decoder_1b 100 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
-      --steps=$steps
-    run hf_decoder_1b_compile 180 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
-      --steps=$steps --compile
-    run hf_t5_large_b32_compile 200 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
-      --steps=$steps --batch_size=32 --compile ;;
   mu_bf16)  # AdamW with a bf16 first moment
     run ours_decoder_1b_unpacked_mu_bf16 100 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --unpacked "--gin.make_optimizer.mu_dtype='bfloat16'" ;;
