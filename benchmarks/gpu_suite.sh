@@ -5,7 +5,7 @@
 # from symlinks when the package is not installed (GPU images without a build toolchain).
 #   bash benchmarks/gpu_suite.sh PART... (quick | train | hf_compile | hf_t5_compile | decode |
 #   decoder_tune | final | decoder_variants | t5_ours | mu_bf16 | variants2 | hf_eager | variants3 |
-#   t5_unrolled | gpu_tests)
+#   t5_unrolled | t5_preset | hf_t5_b64 | t5_unrolled_none | t5_mu_bf16 | t5_variants4 | decoder_b16 | gpu_tests)
 set -u
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- train decode
@@ -130,6 +130,34 @@ for what in "$@"; do case "$what" in
     run ours_decoder_1b_scanned_attention_saveable 90 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=True \
       "$(remat dots_and_attention_saveable)" ;;
+  t5_preset)  # the T5-large preset (unrolled, no remat) at 64, profiled, and at 32
+    run ours_t5_large 200 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
+      --steps=$steps "$(prof t5_large)" --hlo_out="$out/hlo/t5_large.hlo.txt"
+    run ours_t5_large_b32 150 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
+      --steps=$steps --batch_size=32 ;;
+  hf_t5_b64)  # HF T5-large at our batch of 64 (fits a 141 GB H200), eager and compiled
+    run hf_t5_large 120 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large --steps=$steps
+    run hf_t5_large_compile 240 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
+      --steps=$steps --compile ;;
+  t5_unrolled_none)  # the unrolled T5-large without remat
+    run ours_t5_large_remat_none 200 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=t5_large --steps=$steps "--gin.T5Config.remat_policy='none'" ;;
+  t5_mu_bf16)  # the T5-large preset with a bf16 first moment
+    run ours_t5_large_mu_bf16 200 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=t5_large --steps=$steps "--gin.make_optimizer.mu_dtype='bfloat16'" ;;
+  t5_variants4)  # the T5-large preset with XLA's attention instead of cuDNN's; at batch 128
+    run ours_t5_large_xla_attention 200 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=t5_large --steps=$steps "--gin.T5Config.attention_impl='xla'"
+    run ours_t5_large_b128 200 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
+      --steps=$steps --batch_size=128 ;;
+  decoder_b16)  # the decoder preset at batch 16 × 2048 (fp32 and bf16 first moment), HF compiled
+    run ours_decoder_1b_b16 100 python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b \
+      --steps=$steps --unpacked --batch_size=16
+    run ours_decoder_1b_b16_mu_bf16 100 python3 -m zhchat.benchmarks.train_throughput \
+      --workload=decoder_1b --steps=$steps --unpacked --batch_size=16 \
+      "--gin.make_optimizer.mu_dtype='bfloat16'"
+    run hf_decoder_1b_b16_compile 200 python3 -m zhchat.benchmarks.hf_baseline \
+      --workload=decoder_1b --steps=$steps --batch_size=16 --compile ;;
   gpu_tests)  # the GPU-only tests (cuDNN vs XLA attention, remat policies); conftest pins the CPU
     echo "== gpu_tests" | tee -a "$out/suite.log"
     JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider \
