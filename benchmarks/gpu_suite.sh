@@ -5,7 +5,7 @@
 # from symlinks when the package is not installed (GPU images without a build toolchain).
 #   bash benchmarks/gpu_suite.sh PART... (quick | train | hf_compile | hf_t5_compile | decode |
 #   decoder_tune | final | decoder_variants | t5_ours | mu_bf16 | variants2 | hf_eager | variants3 |
-#   t5_unrolled | t5_preset | hf_t5_b64 | t5_unrolled_none | t5_mu_bf16 | t5_variants4 | decoder_b16 | gpu_tests)
+#   t5_unrolled | t5_preset | hf_t5_b64 | t5_mu_bf16 | t5_variants4 | decoder_b16 | gpu_tests)
 set -u
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- train decode
@@ -32,6 +32,11 @@ steps=${STEPS:-10}
 remat() { echo "--gin.DecoderConfig.remat_policy='$1'"; }
 prof() { echo "--profile_dir=$out/profiles/$1"; }
 unroll="--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL"
+# the presets before 2026-12-01 (scanned layers, remat): the parts that measured them pin them, so
+# every part still measures what BENCHMARKS.md says it did
+dec_scanned=(--gin.DecoderConfig.scan_layers=True "$(remat dots_with_no_batch_dims_saveable)")
+t5_scan=--gin.T5Config.scan_layers=True
+t5_scanned=($t5_scan "--gin.T5Config.remat_policy='dots_with_no_batch_dims_saveable'")
 for what in "$@"; do case "$what" in
   quick)  # everything once, few steps: does the suite run on this machine?
     run quick_decoder 300 python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=3
@@ -46,11 +51,12 @@ for what in "$@"; do case "$what" in
       --steps=$steps --batch_size=32 ;;
   decoder_tune)  # remat policies, gradient accumulation; profiles of the candidates
     run ours_decoder_1b_remat_none 120 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps "$(remat none)" "$(prof decoder_1b_remat_none)"
+      --workload=decoder_1b --steps=$steps "${dec_scanned[0]}" "$(remat none)" \
+      "$(prof decoder_1b_remat_none)"
     run ours_decoder_1b_dots_saveable 100 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps "$(remat dots_saveable)"
+      --workload=decoder_1b --steps=$steps "${dec_scanned[0]}" "$(remat dots_saveable)"
     run ours_decoder_1b_b16_mb2_remat_none 120 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --batch_size=16 --microbatches=2 "$(remat none)" ;;
+      --workload=decoder_1b --steps=$steps --batch_size=16 --microbatches=2 "${dec_scanned[0]}" "$(remat none)" ;;
   hf_compile)  # the HF decoder under torch.compile
     run hf_decoder_1b_compile 240 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
       --steps=$steps --compile ;;
@@ -58,11 +64,11 @@ for what in "$@"; do case "$what" in
     run decode_ours_decoder_1b 80 python3 -m zhchat.benchmarks.decode_throughput \
       --workload=decoder_1b --repeats=2 --systems=ours
     XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run ours_decoder_1b_no_triton_gemm 70 \
-      python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=$steps
+      python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=$steps "${dec_scanned[@]}"
     run ours_t5_large_b32 200 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps --batch_size=32 "$(prof t5_large_b32)"
+      --steps=$steps --batch_size=32 "${t5_scanned[@]}" "$(prof t5_large_b32)"
     run ours_t5_large 150 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps ;;
+      --steps=$steps "${t5_scanned[@]}" ;;
   decode)  # one process per system: JAX preallocates most of the GPU memory, torch would OOM
     for system in ours hf; do
       run decode_decoder_1b_$system 240 python3 -m zhchat.benchmarks.decode_throughput \
@@ -72,36 +78,39 @@ for what in "$@"; do case "$what" in
     done ;;
   decoder_variants)  # packed vs unpacked rows (static causal path), unrolled layers, batch 16
     run ours_decoder_1b_packed 110 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --breakdown "$(prof decoder_1b_packed)" \
+      --workload=decoder_1b --steps=$steps "${dec_scanned[@]}" --breakdown "$(prof decoder_1b_packed)" \
       --hlo_out="$out/hlo/decoder_1b_packed.hlo.txt"
     run ours_decoder_1b_unpacked 110 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --unpacked --breakdown "$(prof decoder_1b_unpacked)" \
+      --workload=decoder_1b --steps=$steps --unpacked "${dec_scanned[@]}" --breakdown \
+      "$(prof decoder_1b_unpacked)" \
       --hlo_out="$out/hlo/decoder_1b_unpacked.hlo.txt"
     run ours_decoder_1b_unpacked_unrolled 150 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=False \
-      "$(prof decoder_1b_unpacked_unrolled)"
+      "${dec_scanned[1]}" "$(prof decoder_1b_unpacked_unrolled)"
     run ours_decoder_1b_unpacked_b16 100 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --unpacked --batch_size=16 ;;
-  t5_ours)  # our T5-large at 64 (profiled, broken down, HLO) and at 32
+      --workload=decoder_1b --steps=$steps --unpacked --batch_size=16 "${dec_scanned[@]}" ;;
+  t5_ours)  # the old (scanned) T5-large preset at 64 (profiled, broken down, HLO) and at 32
     run ours_t5_large 150 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps --breakdown "$(prof t5_large)" --hlo_out="$out/hlo/t5_large.hlo.txt"
+      --steps=$steps "${t5_scanned[@]}" --breakdown "$(prof t5_large)" --hlo_out="$out/hlo/t5_large.hlo.txt"
     run ours_t5_large_b32 100 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps --batch_size=32 ;;
+      --steps=$steps --batch_size=32 "${t5_scanned[@]}" ;;
   mu_bf16)  # AdamW with a bf16 first moment
     run ours_decoder_1b_unpacked_mu_bf16 100 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --unpacked "--gin.make_optimizer.mu_dtype='bfloat16'" ;;
+      --workload=decoder_1b --steps=$steps --unpacked "${dec_scanned[@]}" \
+      "--gin.make_optimizer.mu_dtype='bfloat16'" ;;
   variants2)  # no remat (unrolled decoder / scanned T5); XLA fully unrolling the scanned loops
     run ours_decoder_1b_unrolled_remat_none 150 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=False \
       "$(remat none)" "$(prof decoder_1b_unrolled_remat_none)"
     XLA_FLAGS="$unroll" run ours_decoder_1b_xla_unroll 150 python3 -m \
       zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=$steps --unpacked \
-      "$(prof decoder_1b_xla_unroll)"
+      "${dec_scanned[@]}" "$(prof decoder_1b_xla_unroll)"
     run ours_t5_large_remat_none 120 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=t5_large --steps=$steps "--gin.T5Config.remat_policy='none'" \
+      --workload=t5_large --steps=$steps $t5_scan "--gin.T5Config.remat_policy='none'" \
       "$(prof t5_large_remat_none)"
     XLA_FLAGS="$unroll" run ours_t5_large_xla_unroll 150 python3 -m \
-      zhchat.benchmarks.train_throughput --workload=t5_large --steps=$steps "$(prof t5_large_xla_unroll)" ;;
+      zhchat.benchmarks.train_throughput --workload=t5_large --steps=$steps "${t5_scanned[@]}" \
+      "$(prof t5_large_xla_unroll)" ;;
   hf_eager)  # HF eager on both workloads (T5 at 32: 64 does not fit HF on 80 GB)
     run hf_t5_large_b32 100 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
       --steps=$steps --batch_size=32
@@ -115,18 +124,20 @@ for what in "$@"; do case "$what" in
       --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=False \
       "$(remat none)" "--gin.make_optimizer.mu_dtype='bfloat16'"
     run ours_decoder_1b_attention_saveable 90 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --unpacked "$(remat dots_and_attention_saveable)"
+      --workload=decoder_1b --steps=$steps --unpacked "${dec_scanned[0]}" \
+      "$(remat dots_and_attention_saveable)"
     run ours_t5_large_attention_saveable 100 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=t5_large --steps=$steps "--gin.T5Config.remat_policy='dots_and_attention_saveable'" \
-      "$(prof t5_large_attention_saveable)" ;;
+      --workload=t5_large --steps=$steps $t5_scan \
+      "--gin.T5Config.remat_policy='dots_and_attention_saveable'" "$(prof t5_large_attention_saveable)" ;;
   t5_unrolled)  # T5-large with unrolled stacks (init through a scanned twin), attention-saving remat
     run ours_t5_large_unrolled 200 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=t5_large --steps=$steps --gin.T5Config.scan_layers=False "$(prof t5_large_unrolled)"
+      --workload=t5_large --steps=$steps --gin.T5Config.scan_layers=False "${t5_scanned[1]}" \
+      "$(prof t5_large_unrolled)"
     run ours_t5_large_unrolled_attention_saveable 200 python3 -m zhchat.benchmarks.train_throughput \
       --workload=t5_large --steps=$steps --gin.T5Config.scan_layers=False \
       "--gin.T5Config.remat_policy='dots_and_attention_saveable'"
     run ours_t5_large_attention_saveable 100 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=t5_large --steps=$steps "--gin.T5Config.remat_policy='dots_and_attention_saveable'"
+      --workload=t5_large --steps=$steps $t5_scan "--gin.T5Config.remat_policy='dots_and_attention_saveable'"
     run ours_decoder_1b_scanned_attention_saveable 90 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=True \
       "$(remat dots_and_attention_saveable)" ;;
@@ -135,13 +146,10 @@ for what in "$@"; do case "$what" in
       --steps=$steps "$(prof t5_large)" --hlo_out="$out/hlo/t5_large.hlo.txt"
     run ours_t5_large_b32 150 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
       --steps=$steps --batch_size=32 ;;
-  hf_t5_b64)  # HF T5-large at our batch of 64 (fits a 141 GB H200), eager and compiled
+  hf_t5_b64)  # HF T5-large at our batch of 64, eager (out of memory even on 141 GB) and compiled
     run hf_t5_large 120 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large --steps=$steps
     run hf_t5_large_compile 240 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
       --steps=$steps --compile ;;
-  t5_unrolled_none)  # the unrolled T5-large without remat
-    run ours_t5_large_remat_none 200 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=t5_large --steps=$steps "--gin.T5Config.remat_policy='none'" ;;
   t5_mu_bf16)  # the T5-large preset with a bf16 first moment
     run ours_t5_large_mu_bf16 200 python3 -m zhchat.benchmarks.train_throughput \
       --workload=t5_large --steps=$steps "--gin.make_optimizer.mu_dtype='bfloat16'" ;;
