@@ -30,13 +30,14 @@ run() {  # run NAME TIMEOUT CMD...
 } > "$out/env.txt" 2>&1; cat "$out/env.txt"
 steps=${STEPS:-10}
 remat() { echo "--gin.DecoderConfig.remat_policy='$1'"; }
+t5remat() { echo "--gin.T5Config.remat_policy='$1'"; }
 prof() { echo "--profile_dir=$out/profiles/$1"; }
 unroll="--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL"
 # the presets before 2026-12-01 (scanned layers, remat): the parts that measured them pin them, so
 # every part still measures what BENCHMARKS.md says it did
-dec_scanned=(--gin.DecoderConfig.scan_layers=True "$(remat dots_with_no_batch_dims_saveable)")
-t5_scan=--gin.T5Config.scan_layers=True
-t5_scanned=($t5_scan "--gin.T5Config.remat_policy='dots_with_no_batch_dims_saveable'")
+dec_scan=--gin.DecoderConfig.scan_layers=True t5_scan=--gin.T5Config.scan_layers=True
+old_remat=dots_with_no_batch_dims_saveable
+old_dec=("$dec_scan" "$(remat $old_remat)") old_t5=("$t5_scan" "$(t5remat $old_remat)")
 for what in "$@"; do case "$what" in
   quick)  # everything once, few steps: does the suite run on this machine?
     run quick_decoder 300 python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=3
@@ -51,12 +52,12 @@ for what in "$@"; do case "$what" in
       --steps=$steps --batch_size=32 ;;
   decoder_tune)  # remat policies, gradient accumulation; profiles of the candidates
     run ours_decoder_1b_remat_none 120 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps "${dec_scanned[0]}" "$(remat none)" \
+      --workload=decoder_1b --steps=$steps $dec_scan "$(remat none)" \
       "$(prof decoder_1b_remat_none)"
     run ours_decoder_1b_dots_saveable 100 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps "${dec_scanned[0]}" "$(remat dots_saveable)"
+      --workload=decoder_1b --steps=$steps $dec_scan "$(remat dots_saveable)"
     run ours_decoder_1b_b16_mb2_remat_none 120 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --batch_size=16 --microbatches=2 "${dec_scanned[0]}" "$(remat none)" ;;
+      --workload=decoder_1b --steps=$steps --batch_size=16 --microbatches=2 $dec_scan "$(remat none)" ;;
   hf_compile)  # the HF decoder under torch.compile
     run hf_decoder_1b_compile 240 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
       --steps=$steps --compile ;;
@@ -64,11 +65,11 @@ for what in "$@"; do case "$what" in
     run decode_ours_decoder_1b 80 python3 -m zhchat.benchmarks.decode_throughput \
       --workload=decoder_1b --repeats=2 --systems=ours
     XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run ours_decoder_1b_no_triton_gemm 70 \
-      python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=$steps "${dec_scanned[@]}"
+      python3 -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=$steps "${old_dec[@]}"
     run ours_t5_large_b32 200 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps --batch_size=32 "${t5_scanned[@]}" "$(prof t5_large_b32)"
+      --steps=$steps --batch_size=32 "${old_t5[@]}" "$(prof t5_large_b32)"
     run ours_t5_large 150 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps "${t5_scanned[@]}" ;;
+      --steps=$steps "${old_t5[@]}" ;;
   decode)  # one process per system: JAX preallocates most of the GPU memory, torch would OOM
     for system in ours hf; do
       run decode_decoder_1b_$system 240 python3 -m zhchat.benchmarks.decode_throughput \
@@ -78,25 +79,25 @@ for what in "$@"; do case "$what" in
     done ;;
   decoder_variants)  # packed vs unpacked rows (static causal path), unrolled layers, batch 16
     run ours_decoder_1b_packed 110 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps "${dec_scanned[@]}" --breakdown "$(prof decoder_1b_packed)" \
+      --workload=decoder_1b --steps=$steps "${old_dec[@]}" --breakdown "$(prof decoder_1b_packed)" \
       --hlo_out="$out/hlo/decoder_1b_packed.hlo.txt"
     run ours_decoder_1b_unpacked 110 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --unpacked "${dec_scanned[@]}" --breakdown \
+      --workload=decoder_1b --steps=$steps --unpacked "${old_dec[@]}" --breakdown \
       "$(prof decoder_1b_unpacked)" \
       --hlo_out="$out/hlo/decoder_1b_unpacked.hlo.txt"
     run ours_decoder_1b_unpacked_unrolled 150 python3 -m zhchat.benchmarks.train_throughput \
       --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=False \
-      "${dec_scanned[1]}" "$(prof decoder_1b_unpacked_unrolled)"
+      "$(remat $old_remat)" "$(prof decoder_1b_unpacked_unrolled)"
     run ours_decoder_1b_unpacked_b16 100 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --unpacked --batch_size=16 "${dec_scanned[@]}" ;;
+      --workload=decoder_1b --steps=$steps --unpacked --batch_size=16 "${old_dec[@]}" ;;
   t5_ours)  # the old (scanned) T5-large preset at 64 (profiled, broken down, HLO) and at 32
     run ours_t5_large 150 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps "${t5_scanned[@]}" --breakdown "$(prof t5_large)" --hlo_out="$out/hlo/t5_large.hlo.txt"
+      --steps=$steps "${old_t5[@]}" --breakdown "$(prof t5_large)" --hlo_out="$out/hlo/t5_large.hlo.txt"
     run ours_t5_large_b32 100 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
-      --steps=$steps --batch_size=32 "${t5_scanned[@]}" ;;
+      --steps=$steps --batch_size=32 "${old_t5[@]}" ;;
   mu_bf16)  # AdamW with a bf16 first moment
     run ours_decoder_1b_unpacked_mu_bf16 100 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --unpacked "${dec_scanned[@]}" \
+      --workload=decoder_1b --steps=$steps --unpacked "${old_dec[@]}" \
       "--gin.make_optimizer.mu_dtype='bfloat16'" ;;
   variants2)  # no remat (unrolled decoder / scanned T5); XLA fully unrolling the scanned loops
     run ours_decoder_1b_unrolled_remat_none 150 python3 -m zhchat.benchmarks.train_throughput \
@@ -104,14 +105,14 @@ for what in "$@"; do case "$what" in
       "$(remat none)" "$(prof decoder_1b_unrolled_remat_none)"
     XLA_FLAGS="$unroll" run ours_decoder_1b_xla_unroll 150 python3 -m \
       zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=$steps --unpacked \
-      "${dec_scanned[@]}" "$(prof decoder_1b_xla_unroll)"
+      "${old_dec[@]}" "$(prof decoder_1b_xla_unroll)"
     run ours_t5_large_remat_none 120 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=t5_large --steps=$steps $t5_scan "--gin.T5Config.remat_policy='none'" \
+      --workload=t5_large --steps=$steps $t5_scan "$(t5remat none)" \
       "$(prof t5_large_remat_none)"
     XLA_FLAGS="$unroll" run ours_t5_large_xla_unroll 150 python3 -m \
-      zhchat.benchmarks.train_throughput --workload=t5_large --steps=$steps "${t5_scanned[@]}" \
+      zhchat.benchmarks.train_throughput --workload=t5_large --steps=$steps "${old_t5[@]}" \
       "$(prof t5_large_xla_unroll)" ;;
-  hf_eager)  # HF eager on both workloads (T5 at 32: 64 does not fit HF on 80 GB)
+  hf_eager)  # HF eager on both workloads (T5 at 32: 64 runs HF out of memory, even on 141 GB)
     run hf_t5_large_b32 100 python3 -m zhchat.benchmarks.hf_baseline --workload=t5_large \
       --steps=$steps --batch_size=32
     run hf_decoder_1b 100 python3 -m zhchat.benchmarks.hf_baseline --workload=decoder_1b \
@@ -124,22 +125,22 @@ for what in "$@"; do case "$what" in
       --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=False \
       "$(remat none)" "--gin.make_optimizer.mu_dtype='bfloat16'"
     run ours_decoder_1b_attention_saveable 90 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --unpacked "${dec_scanned[0]}" \
+      --workload=decoder_1b --steps=$steps --unpacked $dec_scan \
       "$(remat dots_and_attention_saveable)"
     run ours_t5_large_attention_saveable 100 python3 -m zhchat.benchmarks.train_throughput \
       --workload=t5_large --steps=$steps $t5_scan \
-      "--gin.T5Config.remat_policy='dots_and_attention_saveable'" "$(prof t5_large_attention_saveable)" ;;
+      "$(t5remat dots_and_attention_saveable)" "$(prof t5_large_attention_saveable)" ;;
   t5_unrolled)  # T5-large with unrolled stacks (init through a scanned twin), attention-saving remat
     run ours_t5_large_unrolled 200 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=t5_large --steps=$steps --gin.T5Config.scan_layers=False "${t5_scanned[1]}" \
+      --workload=t5_large --steps=$steps --gin.T5Config.scan_layers=False "$(t5remat $old_remat)" \
       "$(prof t5_large_unrolled)"
     run ours_t5_large_unrolled_attention_saveable 200 python3 -m zhchat.benchmarks.train_throughput \
       --workload=t5_large --steps=$steps --gin.T5Config.scan_layers=False \
-      "--gin.T5Config.remat_policy='dots_and_attention_saveable'"
+      "$(t5remat dots_and_attention_saveable)"
     run ours_t5_large_attention_saveable 100 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=t5_large --steps=$steps $t5_scan "--gin.T5Config.remat_policy='dots_and_attention_saveable'"
+      --workload=t5_large --steps=$steps $t5_scan "$(t5remat dots_and_attention_saveable)"
     run ours_decoder_1b_scanned_attention_saveable 90 python3 -m zhchat.benchmarks.train_throughput \
-      --workload=decoder_1b --steps=$steps --unpacked --gin.DecoderConfig.scan_layers=True \
+      --workload=decoder_1b --steps=$steps --unpacked $dec_scan \
       "$(remat dots_and_attention_saveable)" ;;
   t5_preset)  # the T5-large preset (unrolled, no remat) at 64, profiled, and at 32
     run ours_t5_large 200 python3 -m zhchat.benchmarks.train_throughput --workload=t5_large \
