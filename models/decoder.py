@@ -9,6 +9,14 @@ Attention masks: rows whose segment ids are 1...1 0...0 (unpacked, right-padded)
 [batch, 1, len, len] mask from segment ids. The choice is a runtime `lax.cond`, so one compiled
 step serves both; outputs on padding positions may differ between the two (they carry no loss).
 
+Initialisation follows HF `LlamaForCausalLM` (its `initializer_range`): the token embedding and
+every kernel are drawn from normal(0, `init_std` = 0.02); tied logits are `x @ embedding.T`, unscaled.
+`residual_init="depth"` divides the attention and MLP output projections by sqrt(2 * num_layers)
+(GPT-2); an untied output layer starts at std 0.5 / sqrt(emb_dim) (initial logits of std 0.5 at any
+width) unless `logits_init_std` is set. Why not T5's std-1 embedding with logits scaled by
+1/sqrt(emb_dim): under AdamW's absolute steps a std-1 table moves ~50x slower relative to its
+scale than a std-0.02 one, and the model trained at bigram level (BENCHMARKS.md, "Initialisation").
+
 Decoding (`decode=True`) keeps a T5X-style "cache" collection per layer (cached_key, cached_value,
 cache_index). Every row writes its new tokens to the same cache slots; `kv_mask` [batch, cache_len]
 says which slots hold real tokens, so left- or right-padded prompts of any lengths share one batch.
@@ -17,6 +25,7 @@ says which slots hold real tokens, so left- or right-padded prompts of any lengt
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +37,7 @@ from zhchat.models import layers
 from zhchat.models.remat import REMAT_POLICIES, checkpoint_policy
 
 Array = jax.Array
+RESIDUAL_INITS = ("none", "depth")
 
 
 @gin.configurable
@@ -51,6 +61,9 @@ class DecoderConfig:
     scan_layers: bool = False
     attention_impl: str = "auto"
     max_len: int = 2048
+    init_std: float = 0.02                  # embedding and kernels: normal(0, init_std), as HF Llama
+    residual_init: str = "none"             # "depth": output projections / sqrt(2 * num_layers)
+    logits_init_std: float | None = None    # untied output layer; None: 0.5 / sqrt(emb_dim)
 
     def __post_init__(self):
         def bad(field, why):
@@ -63,6 +76,12 @@ class DecoderConfig:
             bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
         if self.head_dim % 2:
             bad("head_dim", "must be even for rotary embeddings")
+        if not self.init_std > 0:
+            bad("init_std", "must be positive")
+        if self.logits_init_std is not None and not self.logits_init_std >= 0:
+            bad("logits_init_std", "must be >= 0 (or None for 0.5 / sqrt(emb_dim))")
+        if self.residual_init not in RESIDUAL_INITS:
+            bad("residual_init", f"must be one of {RESIDUAL_INITS}")
         if self.remat_policy not in REMAT_POLICIES:
             bad("remat_policy", f"must be one of {REMAT_POLICIES}")
         if self.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
@@ -78,6 +97,22 @@ def _constrain(x: Array, *names: str) -> Array:
     return nn.with_logical_constraint(x, names)
 
 
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def _output_init(cfg: DecoderConfig):
+    """Init of the projections that write into the residual stream (attention out, MLP wo)."""
+    scale = 1.0 if cfg.residual_init == "none" else (2.0 * cfg.num_layers) ** -0.5
+    return _normal(cfg.init_std * scale)
+
+
+def _dense(cfg: DecoderConfig, features, axes, name, *, axis=-1, init=None):
+    return layers.DenseGeneral(features=features, axis=axis, kernel_axes=axes,
+                               dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                               kernel_init=init or _normal(cfg.init_std), name=name)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache."""
 
@@ -87,9 +122,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids, prefix, kv_mask, unpacked):
         cfg = self.config
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        dense = lambda feats, axes, name, axis=-1: layers.DenseGeneral(
-            features=feats, axis=axis, kernel_axes=axes, dtype=dt, param_dtype=pdt, name=name)
+        dense = functools.partial(_dense, cfg)
         q = dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), "query")(x)
         k = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "key")(x)
         v = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "value")(x)
@@ -113,7 +146,8 @@ class Attention(nn.Module):
             else:
                 out = masked()
         out = _constrain(out, *names)
-        return dense(cfg.emb_dim, ("heads", "kv", "embed"), "out", axis=(-2, -1))(out)
+        return dense(cfg.emb_dim, ("heads", "kv", "embed"), "out", axis=(-2, -1),
+                     init=_output_init(cfg))(out)
 
     def _cached_attention(self, q, k, v, prefix, kv_mask):
         """Writes k/v at slots [index, index + len) and attends to every valid slot up to the query's."""
@@ -151,13 +185,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        dense = lambda feats, axes, name: layers.DenseGeneral(
-            features=feats, kernel_axes=axes, dtype=dt, param_dtype=pdt, name=name)
+        dense = functools.partial(_dense, cfg)
         gate = dense(cfg.mlp_dim, ("embed", "mlp"), "wi_0")(x)
         up = dense(cfg.mlp_dim, ("embed", "mlp"), "wi_1")(x)
         h = _constrain(nn.silu(gate) * up, "activation_batch", "activation_length", "activation_mlp")
-        return dense(cfg.emb_dim, ("mlp", "embed"), "wo")(h)
+        return dense(cfg.emb_dim, ("mlp", "embed"), "wo", init=_output_init(cfg))(h)
 
 
 class DecoderLayer(nn.Module):
@@ -205,7 +237,8 @@ class Decoder(nn.Module):
         unpacked = None if segment_ids is None or decode else layers.unpacked_rows(segment_ids)
 
         embed = layers.Embed(num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=dt,
-                             param_dtype=pdt, name="token_embedder")
+                             param_dtype=pdt, embedding_init=_normal(cfg.init_std),
+                             name="token_embedder")
         x = _constrain(embed(tokens), "activation_batch", "activation_length", "activation_embed")
         args = (positions, segment_ids, prefix, kv_mask, unpacked)
         layer_cls = _layer_class(cfg)
@@ -219,10 +252,12 @@ class Decoder(nn.Module):
                 x, _ = layer_cls(cfg, decode=decode, name=f"layers_{i}")(x, *args)
         x = layers.RMSNorm(epsilon=cfg.norm_eps, dtype=dt, param_dtype=pdt, name="decoder_norm")(x)
         if cfg.tie_embeddings:
-            logits = embed.attend(x) / jnp.sqrt(jnp.asarray(cfg.emb_dim, dt))
+            logits = embed.attend(x)
         else:
-            logits = layers.DenseGeneral(features=cfg.vocab_size, kernel_axes=("embed", "vocab"),
-                                         dtype=dt, param_dtype=pdt, name="logits_dense")(x)
+            std = (layers.readout_init_std(cfg.emb_dim) if cfg.logits_init_std is None
+                   else cfg.logits_init_std)
+            logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "logits_dense",
+                            init=_normal(std))(x)
         return _constrain(logits, "activation_batch", "activation_length", "activation_vocab")
 
 

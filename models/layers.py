@@ -27,6 +27,13 @@ DType = Any
 Initializer = Callable[..., Array]
 
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def readout_init_std(width: int) -> float:
+    """Std of an untied output layer's kernel: 0.5 / sqrt(width), so the initial logits have std
+    0.5 at any width and the initial cross-entropy is about ln(vocab) + 0.125 (a std-1 readout
+    starts 0.5 nats above ln(vocab), HF T5's std-1.0 one hundreds of nats)."""
+    return 0.5 / float(np.sqrt(width))
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 

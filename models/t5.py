@@ -3,6 +3,8 @@
 Pre-RMSNorm blocks with residual dropout, relative position biases shared by the layers of a stack
 (bidirectional buckets in the encoder, causal in the decoder; none in cross-attention), gated-GELU MLPs,
 no biases anywhere, one token embedding shared by encoder and decoder inputs and an untied output layer.
+Kernels are initialised as T5X and HF T5 do (fan-in scaled); the output layer starts at std
+0.5 / sqrt(d_model) (HF T5 draws it at std 1.0: initial logits of std ~sqrt(d_model)).
 Packed examples are kept apart by segment ids on both sides: encoder self-attention, decoder
 self-attention (causal) and cross-attention only see tokens of the same segment. Parameters are fp32;
 compute runs in `dtype` (bf16 on accelerators). Dropout is active only with `enable_dropout=True`.
@@ -45,12 +47,20 @@ class T5Config:
     attention_impl: str = "auto"
     scan_layers: bool = False        # nn.scan over each stack: one compiled layer, fast compiles
     remat_policy: str = "none"       # as DecoderConfig.remat_policy (training; decoding never remats)
+    # T5/T5X/HF initialise the shared embedding at std 1.0, which suits Adafactor (updates relative
+    # to each parameter's scale); with AdamW's absolute steps use ~0.02 (runs/t5_span_corruption_adamw.gin).
+    embedding_init_std: float = 1.0
+    logits_init_std: float | None = None  # untied output layer; None: 0.5 / sqrt(d_model)
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
                       "num_decoder_layers", "relpos_buckets", "relpos_max_distance"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"T5Config.{field}={getattr(self, field)!r} must be positive")
+        if not self.embedding_init_std > 0:
+            raise ValueError(f"T5Config.embedding_init_std={self.embedding_init_std!r} must be > 0")
+        if self.logits_init_std is not None and not self.logits_init_std >= 0:
+            raise ValueError(f"T5Config.logits_init_std={self.logits_init_std!r} must be >= 0")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"T5Config.dropout_rate={self.dropout_rate!r} must be in [0, 1)")
         if self.remat_policy not in REMAT_POLICIES:
@@ -170,8 +180,9 @@ class T5(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.token_embedder = _make(layers.Embed, cfg, num_embeddings=cfg.vocab_size,
-                                    features=cfg.d_model)
+        self.token_embedder = _make(
+            layers.Embed, cfg, num_embeddings=cfg.vocab_size, features=cfg.d_model,
+            embedding_init=nn.initializers.normal(stddev=cfg.embedding_init_std))
         relpos = dict(num_heads=cfg.num_heads, num_buckets=cfg.relpos_buckets,
                       max_distance=cfg.relpos_max_distance)
         self.encoder_relpos = _make(t5_layers.RelativePositionBiases, cfg, bidirectional=True, **relpos)
@@ -184,8 +195,11 @@ class T5(nn.Module):
         self.decoder_norm = _make(layers.RMSNorm, cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
         self.decode_position = DecodePosition()
+        readout_std = (layers.readout_init_std(cfg.d_model) if cfg.logits_init_std is None
+                       else cfg.logits_init_std)
         self.logits_dense = _make(layers.DenseGeneral, cfg, features=cfg.vocab_size,
-                                  kernel_axes=("embed", "vocab"))
+                                  kernel_axes=("embed", "vocab"),
+                                  kernel_init=nn.initializers.normal(stddev=readout_std))
 
     def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None, *,
                enable_dropout: bool = False) -> Array:

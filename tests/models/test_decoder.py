@@ -111,12 +111,12 @@ def test_tied_embeddings_share_the_table():
     module, params = _init(dataclasses.replace(TINY, tie_embeddings=True))
     assert "logits_dense" not in params
     tokens = _tokens((1, 5), seed=10)
-    # Tied logits are the final hidden states against the embedding table, scaled by 1/sqrt(emb).
+    # Tied logits are the final hidden states against the embedding table, unscaled (HF Llama).
     logits, state = jax.jit(lambda p: module.apply({"params": p}, tokens, capture_intermediates=True,
                                                    mutable=["intermediates"]))(params)
     hidden = state["intermediates"]["decoder_norm"]["__call__"][0]
     emb = params["token_embedder"]["embedding"]
-    np.testing.assert_allclose(logits, hidden @ emb.T / np.sqrt(32), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, hidden @ emb.T, rtol=1e-5, atol=1e-5)
     _, untied = _init(TINY)
     assert untied["logits_dense"]["kernel"].shape == (32, 61)
     n_tied = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params))

@@ -157,7 +157,7 @@ def test_loss_metrics_and_scores(tiny):
     assert set(metrics) >= {"loss", "z_loss", "accuracy", "num_tokens", "cross_entropy"}
     assert float(metrics["num_tokens"]) == 4.0
     assert np.isclose(float(loss), float(metrics["cross_entropy"] + metrics["z_loss"]))
-    assert np.log(256) < float(metrics["cross_entropy"]) < np.log(256) + 2.0  # near uniform at init
+    assert abs(float(metrics["cross_entropy"]) - np.log(256)) < 0.3  # near uniform at init
     logits = _apply(model)({"params": params}, enc, dec_in)
     logp = jax.nn.log_softmax(logits)[0, np.arange(6), tgt[0]]
     np.testing.assert_allclose(jax.jit(model.score_batch)(params, batch), [float(logp[:4].sum())],
