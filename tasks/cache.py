@@ -4,6 +4,9 @@ Each packed example (the output of a seqio feature converter with pack=True) bec
 int32 arrays of its model features, in the order listed in metadata.json, concatenated (fixed lengths,
 so the reader splits by offsets; no TF, no protobuf). Examples go round-robin to `num_shards` files.
 `metadata.json` is written last, so a directory without it is an unfinished export.
+`max_examples` (`--max_examples`) caches only the first N packed examples of the split (in file
+order, so a prefix of the uncapped export), e.g. to fit a size budget; bytes on disk per example
+depend on the feature lengths (int32, zstd-compressed per record by ArrayRecord's default options).
 
 CLI: python -m zhchat.tasks.cache --gin_file=tasks/demo_lm.gin --gin.VOCAB_PATH="'spm.model'" \
         --task=zh_demo_lm --split=train --output_dir=cache/demo --feature_lengths targets=512 \
@@ -60,9 +63,14 @@ def _vocab_info(task: str) -> dict:
 def export_cache(*, task: str, split: str, output_dir: str, feature_lengths: Mapping[str, int],
                  converter: str = "decoder", num_shards: int = 1, max_examples: int | None = None,
                  seed: int | None = 0, progress: bool = True) -> dict:
-    """Writes the shards and metadata.json; returns the metadata."""
+    """Writes the shards and metadata.json; returns the metadata.
+
+    `max_examples`: cache only the first `max_examples` packed examples (None: the whole split).
+    """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if max_examples is not None and max_examples < 1:  # tf.data's take(-1) would take everything
+        raise ValueError(f"max_examples must be >= 1 (None: the whole split), got {max_examples}")
     os.makedirs(output_dir, exist_ok=True)
     meta_path = os.path.join(output_dir, cache_reader.METADATA_FILE)
     if os.path.exists(meta_path):
@@ -124,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="e.g. targets=512 or inputs=512,targets=114")
     p.add_argument("--converter", default="decoder", choices=sorted(CONVERTERS))
     p.add_argument("--num_shards", type=int, default=1)
-    p.add_argument("--max_examples", type=int, default=None)
+    p.add_argument("--max_examples", type=int, default=None,
+                   help="cache only the first N packed examples (a prefix of the split)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(rest)
     lm.parse_gin(gin_files, bindings)

@@ -106,12 +106,36 @@ def test_state_resumes_at_the_exact_batch(cache_dir):
         other.set_state(state)
 
 
+def test_max_examples_caches_a_prefix_from_the_cli(demo_task, spm_models, tmp_path, capsys):
+    import gin
+
+    try:
+        rc = cache.main(["--gin_file=tasks/demo_lm.gin", f"--gin.VOCAB_PATH='{spm_models['bpe']}'",
+                         "--task", demo_task, "--split=validation", f"--output_dir={tmp_path}",
+                         "--feature_lengths", "targets=64", "--converter=decoder",
+                         "--max_examples=7"])
+    finally:
+        gin.clear_config()  # the task stays registered; leave no bindings behind for other tests
+    assert rc == 0 and "wrote 7 packed examples" in capsys.readouterr().out
+    meta = cache_reader.cache_metadata(str(tmp_path))
+    assert meta["num_examples"] == 7 and meta["max_examples"] == 7
+    ds = cache.packed_dataset(task=demo_task, split="validation", feature_lengths=LENGTHS,
+                              converter="decoder")
+    first = _rows({k: v[None] for k, v in ex.items()} for ex in ds.take(7).as_numpy_iterator())
+    assert _read(str(tmp_path), shuffle=False, batch_size=7) == first  # the first 7, in order
+
+
 def test_errors(tmp_path, cache_dir):
     with pytest.raises(FileNotFoundError, match="not a finished cache"):
         cache_reader.cache_metadata(str(tmp_path))
     with pytest.raises(ValueError, match="fewer than one batch"):
         cache_reader.make_cache_iterator(cache_dir=cache_dir, batch_size=64, num_epochs=1,
                                          shard_index=0, shard_count=1)
+    for bad in (0, -1):  # tf.data's take(-1) would silently cache the whole split
+        with pytest.raises(ValueError, match="max_examples must be >= 1"):
+            cache.export_cache(task="zh_demo_lm", split="validation",
+                               output_dir=str(tmp_path / "x"), feature_lengths=LENGTHS,
+                               max_examples=bad, progress=False)
     with pytest.raises(ValueError, match="unknown converter"):
         cache.packed_dataset(task="zh_demo_lm", split="train", feature_lengths=LENGTHS,
                              converter="bert")
