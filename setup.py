@@ -31,7 +31,8 @@ _DATA = [  # SeqIO task definitions, caching and corpus cleaning (TensorFlow sid
     "OpenCC==1.4.2",
 ]
 _HF = ["torch==2.13.0", "transformers==5.23.0"]  # parity tests and the HF baseline benchmark
-_DEV = ["pytest==9.0.3", "pytest-xdist==3.8.0", "datasketch==2.0.0"] + _HF
+_PLOT = ["matplotlib==3.11.2"]  # PNG curves (benchmarks/convergence.py)
+_DEV = ["pytest==9.0.3", "pytest-xdist==3.8.0", "datasketch==2.0.0"] + _HF + _PLOT
 
 setuptools.setup(
     name="zhchat",
@@ -43,6 +44,6 @@ setuptools.setup(
     package_dir={"zhchat": "zhchat", **{f"zhchat.{p}": p for p in _SUBPACKAGES}},
     package_data={"zhchat.gin_configs": ["**/*.gin"], "zhchat.tasks": ["*.txt"]},
     install_requires=_CORE + _DATA,
-    extras_require={"dev": _DEV, "hf": _HF},
+    extras_require={"dev": _DEV, "hf": _HF, "plot": _PLOT},
     entry_points={"console_scripts": ["zhchat-train=zhchat.trainer.train:console_main"]},
 )

@@ -11,14 +11,8 @@ cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- train decode
 out=$(realpath -m "${OUT:-out/bench}")
 mkdir -p "$out/logs" "$out/hlo"
-if ! (cd /tmp && python3 -c "import zhchat.models") 2>/dev/null; then
-  ns=$(mktemp -d); mkdir -p "$ns/zhchat"; cp zhchat/__init__.py "$ns/zhchat/"
-  for d in tasks models rl scripts trainer gin_configs benchmarks; do ln -s "$PWD/$d" "$ns/zhchat/$d"; done
-  export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
-fi
-repo=$PWD
-cd /tmp  # the checkout's own zhchat/ folder would shadow the assembled namespace
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+source benchmarks/gpu_env.sh  # zhchat importable from the checkout; cd /tmp; sets $repo
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 run() {  # run NAME TIMEOUT CMD...
   local name=$1 limit=$2; shift 2
   echo "== $name: $*" | tee -a "$out/suite.log"

@@ -16,33 +16,13 @@ import sys
 import time
 from typing import Any
 
-from zhchat.benchmarks import workloads
+from zhchat.benchmarks import hf_trainer, workloads
 from zhchat.models import flops as flops_lib
 
 
 def hf_model(model: Any, workload: workloads.Workload) -> Any:
-    """The transformers model equivalent to our wrapper's config (random init, fp32 params)."""
-    import transformers
-
-    cfg = model.config
-    if workload.kind == "decoder":
-        hf_cfg = transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, intermediate_size=cfg.mlp_dim,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-            rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-            tie_word_embeddings=cfg.tie_embeddings,
-            max_position_embeddings=max(cfg.max_len, workload.seq_len), attention_bias=False,
-            mlp_bias=False)
-        hf_cfg._attn_implementation = "sdpa"
-        return transformers.LlamaForCausalLM(hf_cfg)
-    hf_cfg = transformers.T5Config(
-        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff,
-        num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
-        num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.relpos_buckets,
-        relative_attention_max_distance=cfg.relpos_max_distance, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)
-    return transformers.T5ForConditionalGeneration(hf_cfg)
+    """The transformers model equivalent to our wrapper's config (random init, fp32 params, SDPA)."""
+    return hf_trainer.reference_model(model.config, attention="sdpa")
 
 
 def torch_batch(batch: dict[str, Any], workload: workloads.Workload, device: str) -> dict[str, Any]:
