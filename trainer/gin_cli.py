@@ -38,6 +38,35 @@ class _IncludeProbeFilter(logging.Filter):
 
 
 logging.getLogger().addFilter(_IncludeProbeFilter())
+
+
+def _safe_package_file_exists(path: str) -> bool:
+    """gin's package-resource reader takes `runs/pretrain.gin` as package `runs` + file; a folder
+    `runs/` in the cwd (e.g. the demo's output) is importable as a namespace package whose spec
+    has no origin, and gin's own check then raises TypeError instead of answering "no". An include
+    must never depend on what the working directory holds: such packages count as absent."""
+    import importlib.util
+
+    head = os.path.dirname(path).replace("/", ".")
+    try:
+        spec = importlib.util.find_spec(head) if head else None
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.origin:
+        return False
+    return gin.resource_reader.system_path_file_exists(path)
+
+
+def _install_safe_resource_reader() -> None:
+    import gin.resource_reader  # noqa: F401  (registers the reader this replaces)
+
+    readers = gin.config._FILE_READERS  # no public API replaces a registered reader
+    for i, (reader, exists) in enumerate(readers):
+        if exists is gin.resource_reader.system_path_file_exists:
+            readers[i] = (reader, _safe_package_file_exists)
+
+
+_install_safe_resource_reader()
 _UNAVAILABLE: dict[str, str] = {}  # optional module -> the dependency it could not import
 
 
