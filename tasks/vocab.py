@@ -3,6 +3,11 @@
 The model uses T5's ids (pad=0, eos=1, unk=2, no bos), byte fallback (so any text round-trips),
 split digits, chat tokens as user-defined pieces, identity normalization and kept whitespace (text
 normalization is the cleaning pipeline's job, the tokenizer must not silently change text).
+Line breaks, tabs and runs of spaces are pieces too (`WHITESPACE_PIECES`): SentencePiece trains on
+single lines, so without them every "\n" of chat turns, lists or code costs a byte token. (The
+human-readable `.vocab` listing then shows those pieces as raw line breaks; `.model` is what loads.)
+The report gives the byte-fallback rate with and without whitespace bytes. Every input path is
+checked before the corpus is read.
 Memory stays bounded on big corpora: documents are streamed, split into sentences, and at most
 `input_sentence_size` sentences are reservoir-sampled (seeded) into a temporary file that
 SentencePiece trains from. 100 T5 sentinels are not part of the model: like seqio, they are appended
@@ -30,6 +35,9 @@ import tqdm
 from zhchat.tasks import sources
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+# user-defined, so matched longest-first in any text; "▁" is SentencePiece's space
+WHITESPACE_PIECES = ("\n", "\n\n", "\t", "▁▁", "▁▁▁▁", "▁▁▁▁▁▁▁▁")
+_WHITESPACE_BYTES = ("<0x09>", "<0x0A>", "<0x0D>", "<0x20>")
 _SENTENCE_END = re.compile(r"(?<=[。！？；!?;])")
 
 
@@ -74,20 +82,39 @@ def reservoir_sample(sentences: Iterable[str], k: int, seed: int) -> tuple[list[
 
 
 def tokenizer_stats(model_file: str, texts: Iterable[str]) -> dict:
-    """chars/token, byte-fallback rate (share of `<0x..>` byte pieces) and unk rate on texts."""
+    """chars/token, byte-fallback rate (share of `<0x..>` byte pieces; also without the whitespace
+    bytes tab/LF/CR/space, which a tokenizer without whitespace pieces spends on layout), unk rate,
+    and whether every text decodes back to itself."""
     sp = spm.SentencePieceProcessor(model_file=model_file)
-    chars = tokens = byte_tokens = unk_tokens = 0
+    space_ids = {sp.piece_to_id(p) for p in _WHITESPACE_BYTES}
+    chars = tokens = byte_tokens = space_bytes = unk_tokens = mismatches = 0
     for text in texts:
         ids = sp.encode(text)
         chars += len(text)
         tokens += len(ids)
         byte_tokens += sum(1 for i in ids if sp.is_byte(i))
+        space_bytes += sum(1 for i in ids if i in space_ids)
         unk_tokens += sum(1 for i in ids if i == sp.unk_id())
+        mismatches += sp.decode(ids) != text
     if tokens == 0:
         raise ValueError("held-out text is empty: cannot compute tokenizer statistics")
     return {"heldout_chars": chars, "heldout_tokens": tokens,
             "chars_per_token": chars / tokens, "byte_fallback_rate": byte_tokens / tokens,
-            "unk_rate": unk_tokens / tokens}
+            "byte_fallback_rate_non_whitespace": (byte_tokens - space_bytes) / tokens,
+            "whitespace_byte_rate": space_bytes / tokens,
+            "unk_rate": unk_tokens / tokens, "round_trip_mismatches": mismatches}
+
+
+def check_paths(*, files: str | Sequence[str], heldout_files: str | Sequence[str] | None,
+                model_prefix: str) -> None:
+    """Fails now, not after the training: inputs that match nothing, an unwritable output folder."""
+    sources.expand_files(files)
+    if heldout_files:
+        sources.expand_files(heldout_files)
+    out_dir = os.path.dirname(os.path.abspath(model_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"model_prefix {model_prefix!r}: folder {out_dir} is not writable")
 
 
 @gin.configurable
@@ -95,6 +122,7 @@ def train_tokenizer(*, files: str | Sequence[str], format: str, model_prefix: st
                     vocab_size: int = 32000, model_type: str = "unigram", text_field: str = "text",
                     character_coverage: float = 0.9995,
                     user_defined_symbols: Sequence[str] = CHAT_TOKENS,
+                    whitespace_pieces: Sequence[str] = WHITESPACE_PIECES,
                     input_sentence_size: int = 2_000_000, max_sentence_chars: int = 1000,
                     seed: int = 0, add_dummy_prefix: bool = True,
                     heldout_files: str | Sequence[str] | None = None,
@@ -106,6 +134,7 @@ def train_tokenizer(*, files: str | Sequence[str], format: str, model_prefix: st
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     if not 0.98 <= character_coverage <= 1.0:  # SentencePiece's own bounds
         raise ValueError(f"character_coverage must be in [0.98, 1], got {character_coverage}")
+    check_paths(files=files, heldout_files=heldout_files, model_prefix=model_prefix)
     counter = sources.SkipCounter()
     docs = sources.iter_documents(files=files, format=format, text_field=text_field,
                                   counter=counter)
@@ -121,7 +150,6 @@ def train_tokenizer(*, files: str | Sequence[str], format: str, model_prefix: st
     sample, n_sentences = reservoir_sample(sentences(), input_sentence_size, seed)
     if counter.total:
         print(f"skipped while reading {files}:\n{counter.report()}", file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:
         f.writelines(s + "\n" for s in sample)
         sample_file = f.name
@@ -133,7 +161,8 @@ def train_tokenizer(*, files: str | Sequence[str], format: str, model_prefix: st
         spm.SentencePieceTrainer.train(
             input=sample_file, model_prefix=model_prefix, vocab_size=vocab_size,
             model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
-            split_digits=True, user_defined_symbols=list(user_defined_symbols),
+            split_digits=True,
+            user_defined_symbols=list(dict.fromkeys([*user_defined_symbols, *whitespace_pieces])),
             pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
             pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
             normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -207,12 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             user_defined_symbols=[t for t in args.chat_tokens.split(",") if t],
             input_sentence_size=args.input_sentence_size, seed=args.seed,
             heldout_files=args.heldout, heldout_format=args.heldout_format, verbose=args.verbose)
-    except (VocabSizeError, FileNotFoundError, ValueError) as e:
+    except (VocabSizeError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {str(e).split(chr(10) + '  In call to configurable')[0]}", file=sys.stderr)
         return 2
     print(f"wrote {stats['model_file']} ({args.model_type}, vocab {args.vocab_size}); on "
           f"{stats['heldout']}: {stats['chars_per_token']:.3f} chars/token, byte-fallback rate "
-          f"{stats['byte_fallback_rate']:.5f}, unk rate {stats['unk_rate']:.5f}")
+          f"{stats['byte_fallback_rate']:.5f} ({stats['byte_fallback_rate_non_whitespace']:.5f} "
+          f"without whitespace bytes), unk rate {stats['unk_rate']:.5f}, "
+          f"{stats['round_trip_mismatches']} round-trip mismatches")
     print(f"stats: {args.model_prefix}.stats.json")
     return 0
 

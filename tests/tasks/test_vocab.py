@@ -106,3 +106,52 @@ def test_split_sentences_and_reservoir():
     assert n == 1000 and len(set(sample)) == 10
     assert sample == vocab.reservoir_sample((str(i) for i in range(1000)), 10, seed=1)[0]
     assert sample != vocab.reservoir_sample((str(i) for i in range(1000)), 10, seed=2)[0]
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_line_breaks_tabs_and_space_runs_are_pieces(spm_models, model_type):
+    v = Vocabulary(spm_models[model_type])
+    sp = v.tokenizer
+    text = "中国\n人民\n\n\t大会    人民  中国"
+    pieces = [sp.id_to_piece(i) for i in v.encode(text)]
+    assert not [p for p in pieces if p.startswith("<0x")], pieces  # no byte for layout
+    assert {"\n", "\n\n", "\t", "▁▁▁▁", "▁▁"} <= set(pieces)
+    assert v.decode(v.encode(text)) == text
+    assert sp.piece_to_id("<|im_start|>") == 3 and sp.piece_to_id("<|im_end|>") == 4
+
+
+def test_stats_separate_whitespace_bytes_and_check_round_trip(spm_models):
+    stats = vocab.tokenizer_stats(spm_models["unigram"], ["行一\n行二\r\n😀", "x"])
+    assert stats["round_trip_mismatches"] == 0
+    # "\r" has no piece: one whitespace byte; the emoji's 4 bytes are the rest
+    n = stats["heldout_tokens"]
+    assert stats["whitespace_byte_rate"] == pytest.approx(1 / n)
+    assert stats["byte_fallback_rate_non_whitespace"] == pytest.approx(
+        stats["byte_fallback_rate"] - 1 / n)
+
+
+@pytest.mark.parametrize("bad", ["heldout", "input", "output"])
+def test_bad_paths_fail_before_training(demo_data_dir, tmp_path, capsys, monkeypatch, bad):
+    trained = []
+    monkeypatch.setattr(vocab.spm.SentencePieceTrainer, "train",
+                        lambda **kw: trained.append(kw))  # must never be reached
+    args = {"input": str(demo_data_dir / "shu_*.jsonl.gz"), "heldout": None,
+            "model_prefix": str(tmp_path / "m")}
+    if bad == "heldout":
+        args["heldout"] = str(tmp_path / "missing.txt")
+    elif bad == "input":
+        args["input"] = str(tmp_path / "nothing_*.jsonl")
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o500)
+        args["model_prefix"] = str(tmp_path / "ro" / "m")
+        if vocab.os.access(str(tmp_path / "ro"), vocab.os.W_OK):  # root ignores permissions
+            args["model_prefix"] = "/proc/zhchat_cannot_write_here/m"
+    argv = ["--input", args["input"], "--format", "jsonl", "--model_prefix",
+            args["model_prefix"], "--vocab_size", "3000"]
+    if args["heldout"]:
+        argv += ["--heldout", args["heldout"]]
+    assert vocab.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    assert trained == []
