@@ -1,12 +1,13 @@
 """The README's main command: the whole pipeline on the embedded corpus (data/demo), on CPU.
 
-    python -m zhchat.scripts.demo --out_dir=runs/demo
+    python -m zhchat.scripts.demo --out_dir=runs/demo [--quick]
 
 1. trains a SentencePiece tokenizer (byte fallback, chat tokens, 100 sentinels) and reports
    chars/token on held-out People's Daily text;
 2. registers the seqio causal-LM task and exports it to a packed ArrayRecord cache;
 3. pretrains the demo decoder for half its steps, stops, then runs again: the second run resumes from
-   the orbax checkpoint (step, optimizer and data position) and finishes;
+   the orbax checkpoint (step, optimizer and data position) and finishes; prints its cross-entropy
+   on held-out documents beside a unigram model's on the same tokens;
 4. samples Chinese continuations with the KV-cache sampler;
 5. pretrains the demo T5 on span corruption and lets it fill sentinel spans;
 6. when the SFT data folder beside the checkout is present (../shared/data/sft; Alpaca-zh is for
@@ -31,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "data", "demo")
 SFT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "sft")  # beside the checkout
 PROMPTS = ["子曰：", "中国人民", "天下大势，", "我们今天", "秦始皇"]
+HELDOUT_ROWS = 64  # packed rows of held-out documents (tokens reported by the demo)
 SPAN_TEXTS = ["子曰：学而时习之，<extra_id_0>亦说乎？", "中国共产党<extra_id_0>全国人民<extra_id_1>。"]
 
 
@@ -65,18 +67,47 @@ def train_tokenizer(out_dir: str, vocab_size: int) -> str:
 
 
 def export(task_gin: str, vocab_path: str, task: str, out: str, lengths: dict[str, int],
-           converter: str, bindings: tuple[str, ...] = (), max_examples: int | None = None) -> str:
-    """Registers the gin file's tasks and caches `task`'s train split (once)."""
+           converter: str, bindings: tuple[str, ...] = (), max_examples: int | None = None,
+           split: str = "train") -> str:
+    """Registers the gin file's tasks and caches `task`'s `split` (once)."""
     from zhchat.tasks import cache, lm
 
     gin.clear_config()
     lm.parse_gin([task_gin], [f"VOCAB_PATH = '{vocab_path}'", *bindings])
     lm.register_tasks()
     if not os.path.exists(os.path.join(out, "metadata.json")):
-        meta = cache.export_cache(task=task, split="train", output_dir=out, feature_lengths=lengths,
+        meta = cache.export_cache(task=task, split=split, output_dir=out, feature_lengths=lengths,
                                   converter=converter, num_shards=2, max_examples=max_examples)
-        print(f"cached {meta['num_examples']} packed examples of {task} in {out}", flush=True)
+        print(f"cached {meta['num_examples']} packed examples of {task}/{split} in {out}",
+              flush=True)
     return out
+
+
+def _target_tokens(cache_dir: str) -> np.ndarray:
+    """Every weighted target token of a cache, in order (one pass, no shuffling)."""
+    from zhchat.tasks import cache_reader
+
+    it = cache_reader.make_cache_iterator(cache_dir=cache_dir, batch_size=1, shuffle=False,
+                                          num_epochs=1, shard_index=0, shard_count=1,
+                                          num_threads=1, prefetch_buffer_size=4)
+    rows = [(b["decoder_target_tokens"][0], b["decoder_loss_weights"][0]) for b in it]
+    return np.concatenate([t[w > 0] for t, w in rows])
+
+
+def _eval_batches(cache_dir: str, batch_size: int) -> int:
+    """Batches that cover the cache's rows about once (at least one; the reader repeats)."""
+    from zhchat.tasks import cache_reader
+
+    return max(1, cache_reader.cache_metadata(cache_dir)["num_examples"] // batch_size)
+
+
+def unigram_baseline(train_cache: str, heldout_cache: str, vocab_size: int) -> tuple[float, int]:
+    """(cross-entropy in nats/token, tokens) on the held-out cache's targets of an add-one unigram
+    model counted on the train cache: what a model that ignores context can reach."""
+    counts = np.bincount(_target_tokens(train_cache), minlength=vocab_size) + 1.0
+    log_p = np.log(counts / counts.sum())
+    heldout = _target_tokens(heldout_cache)
+    return float(-log_p[heldout].mean()), int(heldout.size)
 
 
 def run_training(model_gin: list[str], bindings: list[str], num_steps: int) -> dict[str, Any]:
@@ -137,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft_steps", type=int, default=100, help="instruction SFT steps (0 skips)")
     p.add_argument("--ppo_iterations", type=int, default=30, help="RM + PPO stage (0 skips)")
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--quick", action="store_true",
+                   help="every stage with fewer steps (CI runs this after a fresh install)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.t5_steps = min(args.steps, 120), min(args.t5_steps, 60)
+        args.sft_steps, args.ppo_iterations = min(args.sft_steps, 40), min(args.ppo_iterations, 10)
     os.chdir(REPO)  # gin files name data/demo relative to the repository root
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
@@ -150,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab = Vocabulary(vocab_path, extra_ids=100)
     model_vocab = padded_vocab_size(vocab.vocab_size)
 
-    _banner("2. SeqIO causal-LM task -> packed ArrayRecord cache")
+    _banner("2. SeqIO causal-LM task -> packed ArrayRecord caches (train, held-out documents)")
     lm_cache = export("gin_configs/tasks/demo_lm.gin", vocab_path, "zh_demo_lm",
                       os.path.join(out, "cache", "lm_train"), {"targets": 128}, "decoder")
+    lm_heldout = export("gin_configs/tasks/demo_lm.gin", vocab_path, "zh_demo_lm",
+                        os.path.join(out, "cache", "lm_validation"), {"targets": 128}, "decoder",
+                        max_examples=HELDOUT_ROWS, split="validation")
 
     _banner("3. Pretrain the demo decoder (stop half-way, then resume from the checkpoint)")
     run_dir = os.path.join(out, "decoder")
@@ -160,13 +199,21 @@ def main(argv: list[str] | None = None) -> int:
               f"RUN_DIR = '{run_dir}'", f"NUM_STEPS = {args.steps}",
               f"BATCH_SIZE = {args.batch_size}", "train.log_every = 25",
               f"train.checkpoint_every = {max(args.steps // 2, 1)}", "make_schedule.peak_value = 3e-3",
-              f"make_schedule.warmup_steps = {max(args.steps // 10, 1)}"]
+              f"make_schedule.warmup_steps = {max(args.steps // 10, 1)}",
+              f"EVAL_CACHE_DIR = '{lm_heldout}'", "train.eval_data = @eval/make_cache_iterator",
+              f"train.eval_every = {max(args.steps // 2, 1)}",
+              f"train.eval_steps = {_eval_batches(lm_heldout, args.batch_size)}"]
     gins = ["models/decoder_demo.gin", "runs/pretrain.gin"]
     first = run_training(gins, common, args.steps // 2)
     print(f"first run stopped at step {first['step']}, loss {first['loss']:.3f}", flush=True)
     second = run_training(gins, common, args.steps)
     print(f"resumed run finished at step {second['step']}, loss {second['loss']:.3f} "
           f"(started at {_first_loss(second):.3f} after resuming)", flush=True)
+    baseline, n_heldout = unigram_baseline(lm_cache, lm_heldout, model_vocab)
+    if second["eval_history"]:
+        print(f"held-out documents ({n_heldout} tokens): cross-entropy "
+              f"{second['eval_history'][-1]['cross_entropy']:.3f} nats/token; a unigram model "
+              f"counted on the train cache scores {baseline:.3f}", flush=True)
 
     _banner("4. Sample continuations (KV cache, top-k 20, temperature 0.8)")
     from zhchat.trainer import gin_cli
