@@ -137,7 +137,9 @@ def run_hf(args: argparse.Namespace, overrides: Sequence[str]) -> list[dict]:
     recipe = recipe_from_gin(model)
     batch_size = _query("train.batch_size", None)
     train_it = _iterator(args.train_cache, batch_size=batch_size, seed=args.seed, shuffle=True)
-    first = next(_iterator(args.train_cache, batch_size=batch_size, seed=args.seed, shuffle=True))
+    start = train_it.get_state()  # peek at the first batch's shapes, then rewind (as train() does)
+    first = next(train_it)
+    train_it.set_state(start)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = device == "cuda" and str(getattr(model.config, "dtype", "float32")) == "bfloat16"
     hf = build_hf_model(model, init=args.hf_init, first_batch=first, seed=args.seed)

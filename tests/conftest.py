@@ -19,6 +19,18 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 DEMO_DATA = REPO / "data" / "demo"
 
 
+def model_from_preset(name: str):
+    """The model wrapper (`%MODEL`) of gin_configs/models/<name>.gin, leaving no gin state."""
+    import gin
+
+    gin.clear_config()
+    try:
+        gin.parse_config_file(str(REPO / "gin_configs" / "models" / f"{name}.gin"))
+        return gin.query_parameter("%MODEL").scoped_configurable_fn()
+    finally:
+        gin.clear_config()
+
+
 @pytest.fixture(scope="session")
 def demo_data_dir() -> pathlib.Path:
     return DEMO_DATA

@@ -1,25 +1,17 @@
 """Parameter counts of the gin presets (LLaMA paper sizes) and the PaLM FLOP counter."""
 
 import dataclasses
-import pathlib
 
-import gin
 import pytest
 
+from tests.conftest import model_from_preset
 from zhchat.models import flops
 from zhchat.models.decoder import DecoderConfig
 from zhchat.models.decoder_model import DecoderOnlyModel
 
-PRESETS = pathlib.Path(__file__).resolve().parents[2] / "gin_configs" / "models"
-
 
 def _model_from_preset(name: str) -> DecoderOnlyModel:
-    gin.clear_config()
-    try:
-        gin.parse_config_file(str(PRESETS / f"decoder_{name}.gin"))
-        return gin.query_parameter("%MODEL").scoped_configurable_fn()
-    finally:
-        gin.clear_config()
+    return model_from_preset(f"decoder_{name}")
 
 
 @pytest.mark.parametrize("name,expected", [("7b", 6.7e9), ("13b", 13.0e9), ("65b", 65.2e9)])

@@ -4,35 +4,23 @@ at 0.5 / sqrt(width)). The HF-parity run in BENCHMARKS.md ("Initialisation") is 
 
 import dataclasses
 import math
-import pathlib
-
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import model_from_preset
 from zhchat.models.decoder import DecoderConfig
 from zhchat.models.decoder_model import DecoderOnlyModel
 from zhchat.models.encdec_model import EncoderDecoderModel
 from zhchat.models.t5 import T5Config
 
-PRESETS = pathlib.Path(__file__).resolve().parents[2] / "gin_configs" / "models"
 VOCAB = 32128
 TINY_DECODER = dict(vocab_size=VOCAB, emb_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=16, mlp_dim=256, dtype="float32", max_len=128)
 TINY_T5 = dict(vocab_size=VOCAB, d_model=64, num_heads=4, head_dim=16, d_ff=128,
                num_encoder_layers=2, num_decoder_layers=2, dtype="float32")
-
-
-def _preset(name: str):
-    gin.clear_config()
-    try:
-        gin.parse_config_file(str(PRESETS / f"{name}.gin"))
-        return gin.query_parameter("%MODEL").scoped_configurable_fn()
-    finally:
-        gin.clear_config()
 
 
 def _random_tokens(key, shape):
@@ -65,7 +53,7 @@ def test_tiny_decoder_initial_loss_is_ln_vocab(tie, residual_init):
 
 
 def test_decoder_100m_preset_initial_loss_is_ln_vocab():
-    model = _preset("decoder_100m")
+    model = model_from_preset("decoder_100m")
     model = DecoderOnlyModel(config=dataclasses.replace(model.config, dtype="float32"))
     assert _decoder_ce(model, length=32) == pytest.approx(math.log(VOCAB), abs=0.3)
 
@@ -77,7 +65,7 @@ def test_tiny_t5_initial_loss_is_ln_vocab(embedding_std):
 
 
 def test_t5_small_preset_initial_loss_is_ln_vocab():
-    model = _preset("t5_small")
+    model = model_from_preset("t5_small")
     cfg = dataclasses.replace(model.config, dtype="float32", scan_layers=False,
                               remat_policy="none")
     assert _t5_ce(EncoderDecoderModel(config=cfg)) == pytest.approx(math.log(VOCAB), abs=0.3)
