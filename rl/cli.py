@@ -29,7 +29,8 @@ _SHAPES = {"decoder_input_tokens": (1, 8), "encoder_input_tokens": (1, 8)}
 
 @gin.configurable
 def load_params(*, directory: str = gin.REQUIRED, model: Any = gin.REQUIRED,
-                partitioner: partitioning.Partitioner | None = None, step: int | None = None) -> Any:
+                partitioner: partitioning.Partitioner | None = None, step: int | None = None,
+                under: tuple[str, ...] = ()) -> Any:
     """The parameters of `model` from a trainer checkpoint directory (latest step by default),
     sharded by the partitioner's rules. Safe inside an active partitioner (trainer data factories
     run there): the boxed shapes are read without `nn.unbox`, which would apply constraints."""
@@ -42,7 +43,7 @@ def load_params(*, directory: str = gin.REQUIRED, model: Any = gin.REQUIRED,
         lambda spec, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
             partitioner.mesh, partitioner.mesh_spec(spec, x.shape)[0])),
         specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    params, _ = ckpt_lib.restore_params_only(directory, abstract, step)
+    params, _ = ckpt_lib.restore_params_only(directory, abstract, step, under=under)
     return params
 
 

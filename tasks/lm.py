@@ -13,7 +13,6 @@ then the CLIs (cache, inspect) call `register_tasks()` after parsing gin.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
@@ -23,15 +22,9 @@ import seqio
 import tensorflow as tf
 
 from zhchat.tasks import sources
+from zhchat.tasks.splits import split_of  # noqa: F401  (re-exported: tasks.lm.split_of)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def split_of(doc_id: str, validation_fraction: float, salt: str = "") -> str:
-    """'validation' for a deterministic `validation_fraction` of ids (md5 of salt+id), else 'train'."""
-    digest = hashlib.md5((salt + doc_id).encode("utf-8")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
-    return "validation" if u < validation_fraction else "train"
 
 
 def resolve_files(files: Sequence[str], data_dir: str | None) -> list[str]:

@@ -33,6 +33,7 @@ import sentencepiece as spm
 import tqdm
 
 from zhchat.tasks import sources
+from zhchat.tasks.splits import split_of
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 # user-defined, so matched longest-first in any text; "▁" is SentencePiece's space
@@ -127,17 +128,33 @@ def train_tokenizer(*, files: str | Sequence[str], format: str, model_prefix: st
                     seed: int = 0, add_dummy_prefix: bool = True,
                     heldout_files: str | Sequence[str] | None = None,
                     heldout_format: str | None = None, heldout_max_chars: int = 2_000_000,
+                    validation_fraction: float = 0.0, split_salt: str = "",
                     num_threads: int | None = None, verbose: bool = False,
                     progress: bool = True) -> dict:
-    """Trains `<model_prefix>.model/.vocab` and writes `<model_prefix>.stats.json`; returns the stats."""
+    """Trains `<model_prefix>.model/.vocab` and writes `<model_prefix>.stats.json`; returns the stats.
+
+    `validation_fraction` > 0 (without `heldout_files`): trains on the documents of `files` that
+    tasks/splits.split_of puts in 'train' and reports on the 'validation' ones, the same documents
+    the seqio tasks hold out with that fraction and salt."""
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     if not 0.98 <= character_coverage <= 1.0:  # SentencePiece's own bounds
         raise ValueError(f"character_coverage must be in [0.98, 1], got {character_coverage}")
     check_paths(files=files, heldout_files=heldout_files, model_prefix=model_prefix)
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    if validation_fraction and heldout_files:
+        raise ValueError("give heldout_files or validation_fraction, not both")
     counter = sources.SkipCounter()
-    docs = sources.iter_documents(files=files, format=format, text_field=text_field,
-                                  counter=counter)
+
+    def split_docs(split: str) -> Iterator[dict]:
+        for doc in sources.iter_documents(files=files, format=format, text_field=text_field,
+                                          counter=counter):
+            if not validation_fraction or split_of(str(doc["id"]), validation_fraction,
+                                                   split_salt) == split:
+                yield doc
+
+    docs = split_docs("train")
     docs = tqdm.tqdm(docs, desc="reading corpus", unit=" docs", disable=not progress)
     n_docs = 0
 
@@ -184,16 +201,18 @@ def train_tokenizer(*, files: str | Sequence[str], format: str, model_prefix: st
              "model_type": model_type, "documents_read": n_docs, "sentences_seen": n_sentences,
              "sentences_sampled": len(sample), "skipped": counter.as_dict()}
     heldout_texts: list[str]
-    if heldout_files:
-        heldout_docs = sources.iter_documents(files=heldout_files, format=heldout_format or format,
-                                              text_field=text_field, counter=counter)
+    if heldout_files or validation_fraction:
+        heldout_docs = (split_docs("validation") if validation_fraction else
+                        sources.iter_documents(files=heldout_files, format=heldout_format or format,
+                                               text_field=text_field, counter=counter))
         heldout_texts, budget = [], heldout_max_chars
         for doc in heldout_docs:
             heldout_texts.append(doc["text"][:budget])
             budget -= len(heldout_texts[-1])
             if budget <= 0:
                 break
-        stats["heldout"] = str(heldout_files)
+        stats["heldout"] = (str(heldout_files) if heldout_files else
+                            f"validation split ({validation_fraction:g}) of {files}")
     else:  # no held-out corpus: report on (the end of) the training sample, and say so
         heldout_texts = sample[-10_000:]
         stats["heldout"] = "training sample (no held-out text given)"
@@ -226,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout", action="append", help="held-out file or glob for the statistics")
     p.add_argument("--heldout_format", default="txt_file", choices=sources.FORMATS)
+    p.add_argument("--validation_fraction", type=float, default=0.0,
+                   help="hold out this fraction of --input documents by id (as the seqio tasks do: "
+                        "train on the rest, report on them); instead of --heldout")
+    p.add_argument("--split_salt", default="")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
     args = p.parse_args(argv)
     try:
@@ -235,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             character_coverage=args.character_coverage,
             user_defined_symbols=[t for t in args.chat_tokens.split(",") if t],
             input_sentence_size=args.input_sentence_size, seed=args.seed,
-            heldout_files=args.heldout, heldout_format=args.heldout_format, verbose=args.verbose)
+            heldout_files=args.heldout, heldout_format=args.heldout_format,
+            validation_fraction=args.validation_fraction, split_salt=args.split_salt,
+            verbose=args.verbose)
     except (VocabSizeError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {str(e).split(chr(10) + '  In call to configurable')[0]}", file=sys.stderr)
         return 2

@@ -86,16 +86,20 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params_only(directory: str, abstract_params: Any, step: int | None = None
-                        ) -> tuple[Any, int]:
+def restore_params_only(directory: str, abstract_params: Any, step: int | None = None, *,
+                        under: tuple[str, ...] = ()) -> tuple[Any, int]:
     """Only the parameters of a train-state checkpoint (no optimizer state, no data position),
     onto the shardings carried by `abstract_params`: for fine-tuning from a pretrained run, for
-    inference and for frozen reference/reward models. Returns (params, step)."""
+    inference and for frozen reference/reward models. `under` names the train state inside a
+    larger saved tree (a PPO run saves {"policy", "critic", "reference"}: under=("policy",)).
+    Returns (params, step)."""
     manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
     target = {"params": abstract_params}
+    for key in reversed(under):
+        target = {key: target}
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -105,7 +109,10 @@ def restore_params_only(directory: str, abstract_params: Any, step: int | None =
                          f"(another architecture or vocabulary size?): {str(e)[:500]}") from e
     finally:
         manager.close()
-    params = restored["state"]["params"]
+    params = restored["state"]
+    for key in under:
+        params = params[key]
+    params = params["params"]
     missing = [jax.tree_util.keystr(path) for path, x in
                jax.tree_util.tree_flatten_with_path(params)[0] if not isinstance(x, jax.Array)]
     if missing:  # partial restore leaves parameters the checkpoint lacks as abstract values
