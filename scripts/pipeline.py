@@ -11,7 +11,7 @@ seconds and numbers; a stage with one is skipped, `--force=STAGE` reruns it):
   vocab    SentencePiece on the cleaned train documents, statistics on the held-out ones
   cache    seqio tasks over the cleaned shards and the SFT data -> packed ArrayRecord caches (LM
            train/validation, SFT train/validation), plus what the accelerator side needs without
-           the raw data: the held-back SFT dialogues (pair prompts) and a copy of the preference files
+           the raw data: the held-back SFT dialogues (pair prompts), a copy of the preference files
   pretrain the model preset on the LM cache (held-out CE beside a unigram baseline)
   sft      instruction SFT from the pretrained parameters (loss on replies; held-out reply loss)
   pairs    preference pairs as Zero-Chatgpt built them: gold reply vs the SFT model's own reply
@@ -199,8 +199,8 @@ def _parse_clean_gin(ctx: Context) -> None:
     import zhchat.tasks.clean.pipeline  # noqa: F401
 
     gin.add_config_file_search_path(os.path.dirname(zhchat.gin_configs.__file__))
-    gin.parse_config_files_and_bindings([_gin_file(ctx.cfg.clean_gin)], list(ctx.cfg.clean_bindings),
-                                        finalize_config=False)
+    gin.parse_config_files_and_bindings([_gin_file(ctx.cfg.clean_gin)],
+                                        list(ctx.cfg.clean_bindings), finalize_config=False)
 
 
 def _cleaned_files(ctx: Context) -> list[str]:
@@ -516,7 +516,7 @@ def stage_eval(ctx: Context) -> dict:
         scored[name] = (np.asarray(responses), np.asarray(score, np.float64))
     samples = []
     for i in range(min(cfg.eval_samples_shown, len(examples))):
-        samples.append({"prompt": _decode(vocab, examples[i]["prompt"]),
+        samples.append({"prompt": _user_text(_decode(vocab, examples[i]["prompt"])),
                         **{f"{n}_reply": _decode(vocab, scored[n][0][i]) for n in scored},
                         **{f"{n}_score": float(scored[n][1][i]) for n in scored}})
     result = {"prompts": len(examples),
@@ -533,6 +533,14 @@ def _decode(vocab: Any, ids: Sequence[int]) -> str:
     stops = {vocab.eos_id, vocab.im_end_id}
     cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
     return vocab.decode([t for t in ids[:cut] if t > 0])
+
+
+def _user_text(prompt: str) -> str:
+    """A chat prompt's turns without the template's markers (for the report)."""
+    text = prompt.replace("<|im_end|>", "")
+    turns = [t.strip() for t in text.split("<|im_start|>") if t.strip()]
+    return " / ".join(t.split("\n", 1)[-1] if "\n" in t else t for t in turns
+                      if not t.startswith("assistant"))
 
 
 def _write_report(ctx: Context, ev: dict) -> None:

@@ -1,4 +1,4 @@
-"""The one-command pipeline (scripts/pipeline.py) on its tiny preset: every stage, as users split it.
+"""The one-command pipeline (scripts/pipeline.py) on its tiny preset: every stage, split as users do.
 
 One run of the whole chain, in the order a user with separate data and accelerator machines runs it:
 the data stages (clean, vocab, cache: TensorFlow/Beam) here, then the training stages in a fresh
@@ -36,8 +36,8 @@ def tiny_run(tmp_path_factory, shared_data_dir):
     out = str(tmp_path_factory.mktemp("zc") / "run")
     assert pipeline.main(_cli(out, "--stages=clean,vocab,cache")) == 0
     # cut pretraining off at step 40 of 80 (its checkpoint stays), then forget the stage finished
-    assert pipeline.main(_cli(out, "--stages=pretrain",
-                              "--gin.PipelineConfig.pretrain_bindings=['train.num_steps = 40']")) == 0
+    stop_at_40 = "--gin.PipelineConfig.pretrain_bindings=['train.num_steps = 40']"
+    assert pipeline.main(_cli(out, "--stages=pretrain", stop_at_40)) == 0
     assert _result(out, "pretrain")["step"] == 40
     os.remove(os.path.join(out, "pretrain", "stage.json"))
     code = ("import sys; from zhchat.scripts import pipeline; "
