@@ -217,7 +217,9 @@ def stage_vocab(ctx: Context) -> dict:
         validation_fraction=cfg.validation_fraction, progress=False)
     keep = ("vocab_size", "documents_read", "chars_per_token", "byte_fallback_rate",
             "byte_fallback_rate_non_whitespace", "round_trip_mismatches", "heldout")
-    return {k: stats[k] for k in keep if k in stats}
+    out = {k: stats[k] for k in keep if k in stats}
+    out["heldout"] = f"the {cfg.validation_fraction:g} validation split of clean/cleaned-*.jsonl.gz"
+    return out
 
 
 def stage_cache(ctx: Context) -> dict:
