@@ -1,6 +1,6 @@
 """Export a zhchat run as a HF transformers model folder (weights, config, tokenizer).
 
-    python -m zhchat.scripts.hf_export --run_dir=runs/demo/decoder --vocab=runs/demo/spm.model \
+    python -m zhchat.scripts.hf_export --run_dir=runs/demo/pretrain/run --vocab=runs/demo/vocab/spm.model \
         --out=hf/decoder [--step=N] [--overwrite]
 
 The model comes from `<run_dir>/config.gin`, the parameters from the latest (or `--step`)

@@ -1,6 +1,6 @@
 """Complete prompts with a trained checkpoint: batched, jitted KV-cache decoding.
 
-    python -m zhchat.scripts.infer --run_dir=runs/demo/decoder --vocab=runs/demo/spm.model \
+    python -m zhchat.scripts.infer --run_dir=runs/demo/pretrain/run --vocab=runs/demo/vocab/spm.model \
         --input=prompts.txt [--output=completions.jsonl] [--temperature=0.8 --top_k=20]
     echo "子曰：" | python -m zhchat.scripts.infer --run_dir=... --vocab=... --input=-
 

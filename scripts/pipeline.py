@@ -83,7 +83,7 @@ class PipelineConfig:
     pretrain_eval_every: int = 200
     pretrain_bindings: Sequence[str] = ()
     # sft
-    sft_data_dir: str = "../shared/data/sft"
+    sft_data_dir: str | None = "../shared/data/sft"  # None: LM stages only (no SFT/RLHF data)
     sft_gin: str = "tasks/sft.gin"
     sft_task: str = "zh_sft"
     sft_pair_files: str = "alpaca_zh/*.json"  # dialogues of these files' held-back split -> pairs
@@ -238,6 +238,8 @@ def stage_cache(ctx: Context) -> dict:
                        lengths={"targets": cfg.lm_length}, converter="decoder", rows=rows,
                        shards=cfg.cache_shards if split == "train" else 1)
         out[f"lm_{split}_rows"] = meta["num_examples"]
+    if cfg.sft_data_dir is None:
+        return out
     gin.clear_config()
     lm.parse_gin([_gin_file(cfg.sft_gin)], common + [
         f"SFT_DATA_DIR = '{_repo_path(cfg.sft_data_dir)}'",
@@ -321,7 +323,7 @@ def _eval_steps(cache_dir: str, batch_size: int) -> int:
 
 
 def stage_pretrain(ctx: Context) -> dict:
-    from zhchat.scripts.demo import unigram_baseline
+    from zhchat.tasks.baselines import unigram_baseline
 
     cfg = ctx.cfg
     val = ctx.cache("lm_validation")
@@ -610,14 +612,22 @@ def _needs(ctx: Context, stage: str, chosen: Sequence[str]) -> list[str]:
             need("clean")
         elif stage == "cache":
             need("clean"), need("vocab")
-            exists(_repo_path(cfg.sft_data_dir), "SFT data folder")
-            exists(os.path.join(_repo_path(cfg.sft_data_dir), cfg.sft_pair_files), "pair dialogues")
-            for f in cfg.preference_files:
-                exists(_repo_path(f), "preference file")
-            _gin_file(cfg.sft_gin)
+            if cfg.sft_data_dir is not None:
+                exists(_repo_path(cfg.sft_data_dir), "SFT data folder")
+                exists(os.path.join(_repo_path(cfg.sft_data_dir), cfg.sft_pair_files),
+                       "pair dialogues")
+                for f in cfg.preference_files:
+                    exists(_repo_path(f), "preference file")
+                _gin_file(cfg.sft_gin)
         else:
             need("vocab"), need("cache")
             _gin_file(cfg.model_gin)
+            if stage != "pretrain" and cfg.sft_data_dir is None:
+                problems.append(f"{stage} needs SFT data (PipelineConfig.sft_data_dir is None)")
+            elif (stage != "pretrain" and ctx.done("cache")
+                  and "sft_train_rows" not in ctx.result("cache")):
+                problems.append(f"{stage} needs the SFT caches, but the cache stage ran without SFT "
+                                "data: rerun it with --force=cache")
             need({"pretrain": "cache", "sft": "pretrain", "pairs": "sft", "rm": "pairs",
                   "ppo": "rm", "eval": "ppo"}[stage])
             if stage in ("rm", "ppo"):

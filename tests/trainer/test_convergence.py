@@ -13,7 +13,7 @@ import gin
 import math
 
 from conftest import REPO_ROOT
-from zhchat.scripts.demo import unigram_baseline
+from zhchat.tasks.baselines import unigram_baseline
 from zhchat.trainer import gin_cli, train
 
 NUM_STEPS = 200

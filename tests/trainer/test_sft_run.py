@@ -75,7 +75,7 @@ def test_sft_lowers_alpaca_reply_loss_below_unigram(alpaca_cache, tmp_path, monk
     before = mean_loss(model, nn.unbox(init), cache_dir)
     after = mean_loss(model, summary["state"].params, cache_dir)
     print(f"{num_rows} packed rows; reply-token loss {before:.3f} -> {after:.3f}")
-    from zhchat.scripts.demo import unigram_baseline
+    from zhchat.tasks.baselines import unigram_baseline
     unigram, _ = unigram_baseline(cache_dir, cache_dir, padded)  # reply tokens (loss weights)
     print(f"unigram model of the replies: {unigram:.3f}")
     assert abs(before - np.log(padded)) < 0.3
