@@ -2,7 +2,7 @@
 
     python -m zhchat.scripts.demo --out_dir=runs/demo [--quick]
 
-It is the pipeline command (scripts/pipeline.py, preset gin_configs/pipelines/demo.gin) with a few
+It is the pipeline command (scripts/pipeline/, preset gin_configs/pipelines/demo.gin) with a few
 things to look at between its stages:
 1. cleans data/demo (normalise, filter, exact/near dedup) and trains a SentencePiece tokenizer on
    the cleaned train documents (byte fallback, line breaks as pieces, chat tokens, 100 sentinels);
@@ -138,7 +138,7 @@ def pipeline_vocab(ctx: Any) -> Any:
 def chat_once(pipeline: Any, ctx: Any) -> None:
     from zhchat.scripts.chat import ChatSession
 
-    model, params = pipeline._model_and_params(ctx, ctx.checkpoints("sft"))
+    model, params = pipeline.model_and_params(ctx, ctx.checkpoints("sft"))
     session = ChatSession(model, params, pipeline_vocab(ctx), max_new_tokens=40, temperature=0.7,
                           top_k=20)
     question = "请介绍一下中国的首都。"
@@ -154,13 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--t5_steps", type=int, default=200, help="T5 span-corruption steps (0 skips)")
     p.add_argument("--quick", action="store_true",
                    help="every stage with fewer steps (CI runs this after a fresh install)")
-    p.epilog = "Settings: --gin.PipelineConfig.pretrain_steps=600 (fields in scripts/pipeline.py)."
+    p.epilog = "Settings: --gin.PipelineConfig.pretrain_steps=600 (fields in scripts/pipeline/config.py)."
     from zhchat.trainer import gin_cli
 
     files, bindings, rest = gin_cli.split_gin_args(sys.argv[1:] if argv is None else list(argv))
     if files:
         p.error("the demo's preset is fixed (gin_configs/pipelines/demo.gin); override its settings "
-                "with --gin.PipelineConfig.X=Y, or run scripts/pipeline.py with your own preset")
+                "with --gin.PipelineConfig.X=Y, or run zhchat.scripts.pipeline with your own preset")
     args = p.parse_args(rest)
     if args.quick:
         args.t5_steps = min(args.t5_steps, 60)
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
           f"cache scores {pre['unigram_heldout_cross_entropy']:.3f}", flush=True)
 
     _banner("4. Sample continuations (KV cache, top-k 20, temperature 0.8)")
-    model, params = pipeline._model_and_params(ctx, ctx.checkpoints("pretrain"))
+    model, params = pipeline.model_and_params(ctx, ctx.checkpoints("pretrain"))
     for prompt, text in zip(PROMPTS, sample(model, params, pipeline_vocab(ctx), PROMPTS)):
         print(f"  {prompt} -> {text}".replace("\n", " / "), flush=True)
 

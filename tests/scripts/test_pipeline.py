@@ -1,4 +1,4 @@
-"""The one-command pipeline (scripts/pipeline.py) on its tiny preset: every stage, split as users do.
+"""The one-command pipeline (scripts/pipeline/) on its tiny preset: every stage, split as users do.
 
 One run of the whole chain, in the order a user with separate data and accelerator machines runs it:
 the data stages (clean, vocab, cache: TensorFlow/Beam) here, then the training stages in a fresh
