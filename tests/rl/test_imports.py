@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-MODULES = ["cli", "demo", "dpo", "gae", "heads", "kl_controller", "losses", "pair_builder", "ppo",
+MODULES = ["cli", "dpo", "gae", "heads", "kl_controller", "losses", "pair_builder", "ppo",
            "ppo_step", "preference_data", "reward_model", "rollout", "warm_start"]
 
 
