@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import gin
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from zhchat.scripts.pipeline.config import repo_path, vocabulary
 PRESET = "pipelines/demo.gin"
 PROMPTS = ["子曰：", "中国人民", "天下大势，", "我们今天", "秦始皇"]
 SPAN_TEXTS = ["子曰：学而时习之，<extra_id_0>亦说乎？", "中国共产党<extra_id_0>全国人民<extra_id_1>。"]
@@ -58,7 +57,7 @@ def _config(args: argparse.Namespace, bindings: list[str]) -> Any:
     changes: dict[str, Any] = {"out_dir": os.path.abspath(args.out_dir)}
     if args.quick:
         changes.update(QUICK)
-    if not os.path.isdir(os.path.join(REPO, cfg.sft_data_dir)):
+    if not os.path.isdir(repo_path(cfg.sft_data_dir)):
         print(f"(no SFT data at {cfg.sft_data_dir}: stages 6-7 are skipped)", flush=True)
         changes["sft_data_dir"] = None
     return dataclasses.replace(cfg, **changes)
@@ -97,21 +96,19 @@ def pretrain_with_resume(pipeline: Any, cfg: Any) -> dict:
 def run_t5(pipeline: Any, cfg: Any, steps: int, batch_size: int) -> None:
     """Span corruption over the cleaned shards, then sentinel filling."""
     from zhchat.models.encdec_model import fill_spans
+    from zhchat.scripts.pipeline.data_stages import export_cache_once
     from zhchat.tasks import cache, lm
     from zhchat.trainer import gin_cli, train
 
     ctx = pipeline.Context(cfg)
     sc_cache = ctx.dir("t5", "cache")
-    if not os.path.exists(os.path.join(sc_cache, "metadata.json")):
-        shutil.rmtree(sc_cache, ignore_errors=True)
-        gin.clear_config()
-        lm.parse_gin(["tasks/cleaned_span_corruption.gin"],
-                     [f"VOCAB_PATH = '{ctx.vocab_path}'", f"CLEANED_DATA_DIR = '{ctx.dir('clean')}'"])
-        lm.register_tasks()
-        meta = cache.export_cache(task="zh_cleaned_span_corruption", split="train",
-                                  output_dir=sc_cache, feature_lengths={"inputs": 128, "targets": 29},
-                                  converter="encdec", num_shards=2)
-        print(f"cached {meta['num_examples']} packed span-corruption rows", flush=True)
+    gin.clear_config()
+    lm.parse_gin(["tasks/cleaned_span_corruption.gin"],
+                 [f"VOCAB_PATH = '{ctx.vocab_path}'", f"CLEANED_DATA_DIR = '{ctx.dir('clean')}'"])
+    lm.register_tasks()
+    export_cache_once(cache, task="zh_cleaned_span_corruption", split="train", out=sc_cache,
+                      lengths={"inputs": 128, "targets": 29}, converter="encdec", rows=None,
+                      shards=2)
     gin.clear_config()
     gin_cli.parse_gin(["models/t5_demo.gin", "runs/t5_span_corruption.gin"], [
         f"VOCAB_SIZE = {ctx.model_vocab_size()}", f"TRAIN_CACHE_DIR = '{sc_cache}'",
@@ -124,22 +121,17 @@ def run_t5(pipeline: Any, cfg: Any, steps: int, batch_size: int) -> None:
     t5 = train.train()
     first = t5["history"][0]["loss"] if t5["history"] else float("nan")
     print(f"T5 finished at step {t5['step']}, loss {first:.3f} -> {t5['loss']:.3f}", flush=True)
-    model, vocab = gin_cli.evaluate_macro("MODEL"), pipeline_vocab(ctx)
+    model, vocab = gin_cli.evaluate_macro("MODEL"), vocabulary(ctx)
     for text in SPAN_TEXTS:
         filled, spans = fill_spans(model, t5["state"].params, vocab, text)
         print(f"  {text} -> {filled}   spans: {spans}", flush=True)
-
-
-def pipeline_vocab(ctx: Any) -> Any:
-    from zhchat.tasks.vocabulary import Vocabulary
-    return Vocabulary(ctx.vocab_path, extra_ids=100)
 
 
 def chat_once(pipeline: Any, ctx: Any) -> None:
     from zhchat.scripts.chat import ChatSession
 
     model, params = pipeline.model_and_params(ctx, ctx.checkpoints("sft"))
-    session = ChatSession(model, params, pipeline_vocab(ctx), max_new_tokens=40, temperature=0.7,
+    session = ChatSession(model, params, vocabulary(ctx), max_new_tokens=40, temperature=0.7,
                           top_k=20)
     question = "请介绍一下中国的首都。"
     print(f"  user: {question}\n  assistant: ", end="", flush=True)
@@ -200,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner("4. Sample continuations (KV cache, top-k 20, temperature 0.8)")
     model, params = pipeline.model_and_params(ctx, ctx.checkpoints("pretrain"))
-    for prompt, text in zip(PROMPTS, sample(model, params, pipeline_vocab(ctx), PROMPTS)):
+    for prompt, text in zip(PROMPTS, sample(model, params, vocabulary(ctx), PROMPTS)):
         print(f"  {prompt} -> {text}".replace("\n", " / "), flush=True)
 
     if args.t5_steps:

@@ -68,7 +68,7 @@ def stage_cache(ctx: Context) -> dict:
     lm.register_tasks()
     out: dict[str, Any] = {}
     for split, rows in (("train", cfg.lm_train_rows), ("validation", cfg.lm_validation_rows)):
-        meta = _export(cache, task="zh_cleaned_lm", split=split, out=ctx.cache(f"lm_{split}"),
+        meta = export_cache_once(cache, task="zh_cleaned_lm", split=split, out=ctx.cache(f"lm_{split}"),
                        lengths={"targets": cfg.lm_length}, converter="decoder", rows=rows,
                        shards=cfg.cache_shards if split == "train" else 1)
         out[f"lm_{split}_rows"] = meta["num_examples"]
@@ -82,7 +82,7 @@ def stage_cache(ctx: Context) -> dict:
         f"register_sft_task.validation_fraction = {cfg.validation_fraction}"])
     lm.register_tasks()
     for split, rows in (("train", cfg.sft_train_rows), ("validation", cfg.sft_validation_rows)):
-        meta = _export(cache, task=cfg.sft_task, split=split, out=ctx.cache(f"sft_{split}"),
+        meta = export_cache_once(cache, task=cfg.sft_task, split=split, out=ctx.cache(f"sft_{split}"),
                        lengths={"inputs": cfg.sft_inputs_length,
                                 "targets": cfg.sft_targets_length},
                        converter="prefix_lm", rows=rows,
@@ -93,7 +93,7 @@ def stage_cache(ctx: Context) -> dict:
     return out
 
 
-def _export(cache: Any, *, task: str, split: str, out: str, lengths: dict, converter: str,
+def export_cache_once(cache: Any, *, task: str, split: str, out: str, lengths: dict, converter: str,
             rows: int | None, shards: int) -> dict:
     """One cache, rebuilt from scratch when an earlier run was cut off before its metadata."""
     from zhchat.tasks import cache_reader

@@ -20,7 +20,7 @@ def _train(gin_files: list[str], bindings: list[str]) -> dict:
     return train.train()
 
 
-def _lengths_of(ctx: Context) -> list[str]:
+def _vocab_size_binding(ctx: Context) -> list[str]:
     return [f"VOCAB_SIZE = {ctx.model_vocab_size()}"]
 
 
@@ -34,7 +34,7 @@ def stage_pretrain(ctx: Context) -> dict:
 
     cfg = ctx.cfg
     val = ctx.cache("lm_validation")
-    summary = _train([cfg.model_gin, "runs/pretrain.gin"], _lengths_of(ctx) + [
+    summary = _train([cfg.model_gin, "runs/pretrain.gin"], _vocab_size_binding(ctx) + [
         f"TRAIN_CACHE_DIR = '{ctx.cache('lm_train')}'", f"RUN_DIR = '{ctx.dir('pretrain', 'run')}'",
         f"NUM_STEPS = {cfg.pretrain_steps}", f"BATCH_SIZE = {cfg.pretrain_batch_size}",
         f"train.seed = {cfg.seed}", "train.progress_bar = False",
@@ -74,7 +74,7 @@ def _speed(summary: dict) -> dict:
 def stage_sft(ctx: Context) -> dict:
     cfg = ctx.cfg
     val = ctx.cache("sft_validation")
-    summary = _train([cfg.model_gin, "runs/sft.gin"], _lengths_of(ctx) + [
+    summary = _train([cfg.model_gin, "runs/sft.gin"], _vocab_size_binding(ctx) + [
         f"TRAIN_CACHE_DIR = '{ctx.cache('sft_train')}'", f"RUN_DIR = '{ctx.dir('sft', 'run')}'",
         f"PRETRAINED_DIR = '{ctx.checkpoints('pretrain')}'",
         f"NUM_STEPS = {cfg.sft_steps}", f"BATCH_SIZE = {cfg.sft_batch_size}",
@@ -97,7 +97,7 @@ def model_and_params(ctx: Context, checkpoints: str, *, under: tuple[str, ...] =
     from zhchat.trainer import gin_cli
 
     gin.clear_config()
-    gin_cli.parse_gin([ctx.cfg.model_gin], _lengths_of(ctx))
+    gin_cli.parse_gin([ctx.cfg.model_gin], _vocab_size_binding(ctx))
     model = gin_cli.evaluate_macro("MODEL")
     return model, load_params(directory=checkpoints, model=model, under=under)
 
@@ -132,7 +132,7 @@ def _preference_files(ctx: Context) -> list[str]:
 
 def _rl_bindings(ctx: Context) -> list[str]:
     files = ", ".join(f"'{f}'" for f in _preference_files(ctx))
-    return _lengths_of(ctx) + [f"VOCAB_PATH = '{ctx.vocab_path}'",
+    return _vocab_size_binding(ctx) + [f"VOCAB_PATH = '{ctx.vocab_path}'",
                                f"PREFERENCE_FILES = [{files}]",
                                f"SFT_CHECKPOINT = '{ctx.checkpoints('sft')}'"]
 
