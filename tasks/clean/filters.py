@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Callable, Sequence
 
@@ -12,6 +13,8 @@ import gin
 import numpy as np
 
 from zhchat.tasks.clean import minhash
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CJK_CHAR = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 _FINAL = "。！？…”’」』）)!?.;；~～"
@@ -133,12 +136,15 @@ def dup_ngram_char_frac(text: str, n: int) -> float:
 @gin.configurable
 class BlocklistFilter(Filter):
     """Drops documents containing more than `max_hits` occurrences of keywords from a file
-    (one keyword per line, `#` comments)."""
+    (one keyword per line, `#` comments). A relative `path` not found from the working directory
+    is taken from the repository root (the shipped list is tasks/clean/blocklist_zh.txt)."""
 
     name = "blocklist"
 
     def __init__(self, *, path: str, max_hits: int = 0, **kw):
         super().__init__(**kw)
+        if not os.path.isabs(path) and not os.path.exists(path):
+            path = os.path.join(REPO_ROOT, path)
         try:
             with open(path, encoding="utf-8") as f:
                 words = [w.strip() for w in f if w.strip() and not w.startswith("#")]

@@ -81,6 +81,13 @@ def test_blocklist(tmp_path):
         F.BlocklistFilter(path=str(tmp_path / "none.txt"))
 
 
+def test_blocklist_shipped_path_from_another_working_directory(tmp_path, monkeypatch):
+    """The presets name the shipped list relative to the repository: it loads from any cwd."""
+    monkeypatch.chdir(tmp_path)
+    b = F.BlocklistFilter(path="tasks/clean/blocklist_zh.txt")
+    assert len(b.words) >= 5 and b("今天天气好。") == "今天天气好。"
+
+
 def _unigram_score_fn(corpus: str):
     """A character unigram LM with add-one smoothing: summed log-prob of each text."""
     counts = collections.Counter(corpus)
