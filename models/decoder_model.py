@@ -171,10 +171,12 @@ class DecoderOnlyModel(BaseModel):
 
     def predict_batch(self, params: Params, batch: Batch, rng: jax.Array, *,
                       max_decode_length: int = 64, temperature: float = 0.0, top_k: int = 0,
-                      top_p: float = 1.0, return_log_probs: bool = False, **unused
+                      top_p: float = 1.0, return_log_probs: bool = False,
+                      first_token_mask: Any = None, **unused
                       ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
         """Samples continuations of the prompts in `decoder_input_tokens` (pad = `pad_id`, left or
         right padded); `decoder_causal_attention`, if present, marks a bidirectional prompt prefix.
+        `first_token_mask` [batch, vocab] bool: token healing (`decoding.decode`).
         Returns tokens [batch, max_decode_length] (and log-probs with `return_log_probs`)."""
         if unused:
             raise TypeError(f"DecoderOnlyModel.predict_batch: unknown decode options {sorted(unused)}")
@@ -184,12 +186,18 @@ class DecoderOnlyModel(BaseModel):
                              f"exceeds DecoderConfig.max_len={self.config.max_len}")
         key = (max_decode_length, float(temperature), int(top_k), float(top_p), bool(return_log_probs))
         if key not in self._decode_fns:
-            def run(params, prompts, prefix, rng):
+            def run(params, prompts, prefix, rng, first_token_mask):
                 cache = self.init_cache(prompts.shape[0], prompts.shape[1] + max_decode_length)
                 return decoding.decode(
                     self.step_fn(params), cache, prompts, rng, max_decode_length=max_decode_length,
                     prefix=prefix, temperature=temperature, top_k=top_k, top_p=top_p,
-                    eos_id=self.eos_id, pad_id=self.pad_id, return_log_probs=return_log_probs)
+                    eos_id=self.eos_id, pad_id=self.pad_id, return_log_probs=return_log_probs,
+                    first_token_mask=first_token_mask)
             self._decode_fns[key] = jax.jit(run)
         prefix = batch.get("decoder_causal_attention")
-        return self._decode_fns[key](params, prompts, prefix, rng)
+        if first_token_mask is not None:
+            first_token_mask = jnp.asarray(first_token_mask, bool)
+            if first_token_mask.shape != (prompts.shape[0], self.config.vocab_size):
+                raise ValueError(f"first_token_mask shape {first_token_mask.shape}; expected "
+                                 f"{(prompts.shape[0], self.config.vocab_size)} (batch, vocab)")
+        return self._decode_fns[key](params, prompts, prefix, rng, first_token_mask)

@@ -66,8 +66,8 @@ def sample_and_record(logits: Array, rng: Array, t: Array, out: Array, log_probs
 def decode(step_fn: StepFn, cache: Any, prompt_tokens: Array, rng: Array, *,
            max_decode_length: int, prompt_mask: Array | None = None, prefix: Array | None = None,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           eos_id: int | None = 1, pad_id: int = 0, return_log_probs: bool = False
-           ) -> Array | tuple[Array, Array]:
+           eos_id: int | None = 1, pad_id: int = 0, return_log_probs: bool = False,
+           first_token_mask: Array | None = None) -> Array | tuple[Array, Array]:
     """Samples up to `max_decode_length` tokens after each prompt.
 
     prompt_tokens [batch, prompt_len]; `prompt_mask` marks real prompt tokens (default: != pad_id);
@@ -76,6 +76,8 @@ def decode(step_fn: StepFn, cache: Any, prompt_tokens: Array, rng: Array, *,
     Returns tokens [batch, max_decode_length] (EOS kept, pad after it) and, with `return_log_probs`,
     the log-probability of each sampled token under softmax(logits / temperature) without top-k/top-p
     filtering (the plain model distribution at temperature 0 or 1; 0 on padding).
+    `first_token_mask` [batch, vocab] (bool) limits the first sampled token to its True ids (token
+    healing: `Vocabulary.heal`).
     """
     if max_decode_length <= 0:
         raise ValueError(f"max_decode_length must be positive, got {max_decode_length}")
@@ -95,6 +97,8 @@ def decode(step_fn: StepFn, cache: Any, prompt_tokens: Array, rng: Array, *,
     logits, cache = step_fn(cache, prompt_tokens, positions, kv_mask_at(-1), prefix)
     last = jnp.max(jnp.where(prompt_mask, jnp.arange(prompt_len), 0), axis=1)
     logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    if first_token_mask is not None:
+        logits = jnp.where(first_token_mask, logits, jnp.finfo(jnp.float32).min)
 
     def body(state):
         t, cache, logits, out, log_probs, done = state

@@ -206,12 +206,16 @@ _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
 def fill_spans(model: EncoderDecoderModel, params: Params, vocab: Any, text: str, *,
-               max_decode_length: int = 64, beam_size: int | None = None) -> tuple[str, dict[int, str]]:
+               max_decode_length: int = 64, beam_size: int | None = None,
+               rng: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0
+               ) -> tuple[str, dict[int, str]]:
     """Lets a span-corruption-trained model fill the `<extra_id_N>` markers of `text`.
 
     `vocab` is a zhchat.tasks.vocabulary.Vocabulary (or anything with encode/decode/sentinel_id/
-    vocab_size). Returns (text with every marker replaced by its predicted span, {N: span}); a marker
-    the model left out stays in the text.
+    vocab_size). Greedy by default; `beam_size`, or `rng` with `temperature`/`top_k` to sample.
+    Returns (text with every marker replaced by its predicted span, {N: span} for the markers of
+    `text`); a marker the model left out stays in the text, spans it adds for absent markers are
+    dropped.
     """
     ids: list[int] = []
     pos = 0
@@ -220,8 +224,10 @@ def fill_spans(model: EncoderDecoderModel, params: Params, vocab: Any, text: str
         pos = match.end()
     ids += vocab.encode(text[pos:]) + [model.eos_id]
     tokens = np.asarray([ids], np.int32)
-    out = np.asarray(model.predict_batch(params, {"encoder_input_tokens": tokens}, None,
-                                         max_decode_length=max_decode_length, beam_size=beam_size))[0]
+    decode = {"beam_size": beam_size} if beam_size else {"temperature": temperature, "top_k": top_k}
+    out = np.asarray(model.predict_batch(params, {"encoder_input_tokens": tokens}, rng,
+                                         max_decode_length=max_decode_length, **decode))[0]
+    asked = {int(m.group(1)) for m in _SENTINEL.finditer(text)}
     first_sentinel = vocab.vocab_size - vocab.extra_ids
     spans: dict[int, list[int]] = {}
     current = None
@@ -233,6 +239,6 @@ def fill_spans(model: EncoderDecoderModel, params: Params, vocab: Any, text: str
             spans.setdefault(current, [])
         elif current is not None:
             spans[current].append(tok)
-    filled = {n: vocab.decode(span) for n, span in spans.items()}
+    filled = {n: vocab.decode(span) for n, span in spans.items() if n in asked}
     result = _SENTINEL.sub(lambda m: filled.get(int(m.group(1)), m.group(0)), text)
     return result, filled

@@ -36,6 +36,8 @@ from zhchat.scripts.pipeline.config import repo_path, vocabulary
 PRESET = "pipelines/demo.gin"
 PROMPTS = ["子曰：", "中国人民", "天下大势，", "我们今天", "秦始皇"]
 SPAN_TEXTS = ["子曰：学而时习之，<extra_id_0>亦说乎？", "中国共产党<extra_id_0>全国人民<extra_id_1>。"]
+T5_INPUTS, T5_TARGETS, T5_BATCH_SIZE = 128, 29, 16
+SAMPLE_TOKENS, SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 40, 0.8, 20
 QUICK = {"pretrain_steps": 120, "sft_steps": 40, "rm_steps": 30, "ppo_iterations": 4,
          "max_pairs": 48, "pretrain_eval_every": 60}
 
@@ -64,15 +66,20 @@ def _config(args: argparse.Namespace, bindings: list[str]) -> Any:
 
 
 def sample(model: Any, params: Any, vocab: Any, prompts: list[str], seed: int = 0) -> list[str]:
-    """Left-padded prompts → KV-cache top-k sampling → decoded continuations."""
+    """Left-padded prompts with token healing → KV-cache top-k sampling → the new text."""
     import jax
 
-    from zhchat.tasks.vocabulary import pad_token_rows
+    from zhchat.tasks.vocabulary import healed_prompt_batch
 
-    tokens = pad_token_rows([vocab.encode(p) for p in prompts], left=True)
+    tokens, mask, heads = healed_prompt_batch(vocab, prompts, model.config.vocab_size)
     out = model.predict_batch(params, {"decoder_input_tokens": tokens}, jax.random.key(seed),
-                              max_decode_length=40, temperature=0.8, top_k=20)
-    return [vocab.decode([t for t in row.tolist() if t > 1]) for row in np.asarray(out)]
+                              max_decode_length=SAMPLE_TOKENS, temperature=SAMPLE_TEMPERATURE,
+                              top_k=SAMPLE_TOP_K, first_token_mask=mask)
+    texts = []
+    for prompt, head, row, gen in zip(prompts, heads, tokens.tolist(), np.asarray(out).tolist()):
+        full = vocab.decode([t for t in row if t > 0] + [t for t in gen if t > 1])
+        texts.append(full[len(prompt):] if full.startswith(prompt) else full[len(head):])
+    return texts
 
 
 def pretrain_with_resume(pipeline: Any, cfg: Any) -> dict:
@@ -82,7 +89,8 @@ def pretrain_with_resume(pipeline: Any, cfg: Any) -> dict:
     if ctx.done("pretrain"):
         return ctx.result("pretrain")
     half = max(cfg.pretrain_steps // 2, 1)
-    first = dataclasses.replace(cfg, pretrain_bindings=[f"train.num_steps = {half}",
+    first = dataclasses.replace(cfg, pretrain_bindings=[*cfg.pretrain_bindings,
+                                                        f"train.num_steps = {half}",
                                                         f"train.checkpoint_every = {half}"])
     pipeline.run(first, ["pretrain"])
     print(f"first run stopped at step {ctx.result('pretrain')['step']}", flush=True)
@@ -93,12 +101,10 @@ def pretrain_with_resume(pipeline: Any, cfg: Any) -> dict:
     return result
 
 
-def run_t5(pipeline: Any, cfg: Any, steps: int, batch_size: int) -> None:
-    """Span corruption over the cleaned shards, then sentinel filling."""
-    from zhchat.models.encdec_model import fill_spans
+def t5_cache(pipeline: Any, cfg: Any) -> str:
+    """The span-corruption cache over the cleaned shards (seqio + TensorFlow)."""
     from zhchat.scripts.pipeline.data_stages import export_cache_once
     from zhchat.tasks import cache, lm
-    from zhchat.trainer import gin_cli, train
 
     ctx = pipeline.Context(cfg)
     sc_cache = ctx.dir("t5", "cache")
@@ -107,24 +113,44 @@ def run_t5(pipeline: Any, cfg: Any, steps: int, batch_size: int) -> None:
                  [f"VOCAB_PATH = '{ctx.vocab_path}'", f"CLEANED_DATA_DIR = '{ctx.dir('clean')}'"])
     lm.register_tasks()
     export_cache_once(cache, task="zh_cleaned_span_corruption", split="train", out=sc_cache,
-                      lengths={"inputs": 128, "targets": 29}, converter="encdec", rows=None,
-                      shards=2)
+                      lengths={"inputs": T5_INPUTS, "targets": T5_TARGETS}, converter="encdec",
+                      rows=None, shards=2)
+    return sc_cache
+
+
+def run_t5(pipeline: Any, cfg: Any, steps: int, batch_size: int, peak_lr: float = 3e-3,
+           bindings: tuple[str, ...] = ()) -> dict:
+    """Span corruption on the cache `t5_cache` wrote (TF-free), then sentinel filling."""
+    import jax
+
+    from zhchat.models.encdec_model import fill_spans
+    from zhchat.trainer import gin_cli, train
+
+    ctx = pipeline.Context(cfg)
     gin.clear_config()
     gin_cli.parse_gin(["models/t5_demo.gin", "runs/t5_span_corruption.gin"], [
-        f"VOCAB_SIZE = {ctx.model_vocab_size()}", f"TRAIN_CACHE_DIR = '{sc_cache}'",
+        f"VOCAB_SIZE = {ctx.model_vocab_size()}", f"TRAIN_CACHE_DIR = '{ctx.dir('t5', 'cache')}'",
         f"RUN_DIR = '{ctx.dir('t5', 'run')}'", f"NUM_STEPS = {steps}",
         f"BATCH_SIZE = {batch_size}", "train.log_every = 25", f"train.checkpoint_every = {steps}",
-        "train.progress_bar = False", "INPUTS_LENGTH = 128", "make_optimizer.name = 'adamw'",
-        "make_optimizer.weight_decay = 0.0", "make_schedule.kind = 'cosine'",
-        "make_schedule.peak_value = 3e-3", f"make_schedule.warmup_steps = {max(steps // 10, 1)}",
-        f"make_schedule.decay_steps = {steps}"])
+        "train.progress_bar = False", f"INPUTS_LENGTH = {T5_INPUTS}",
+        "make_optimizer.name = 'adamw'", "make_optimizer.weight_decay = 0.0",
+        "make_schedule.kind = 'cosine'", f"make_schedule.peak_value = {peak_lr}",
+        f"make_schedule.warmup_steps = {max(steps // 10, 1)}",
+        f"make_schedule.decay_steps = {steps}", *bindings])
     t5 = train.train()
     first = t5["history"][0]["loss"] if t5["history"] else float("nan")
     print(f"T5 finished at step {t5['step']}, loss {first:.3f} -> {t5['loss']:.3f}", flush=True)
     model, vocab = gin_cli.evaluate_macro("MODEL"), vocabulary(ctx)
+    fills = {}
     for text in SPAN_TEXTS:
         filled, spans = fill_spans(model, t5["state"].params, vocab, text)
-        print(f"  {text} -> {filled}   spans: {spans}", flush=True)
+        sampled = [fill_spans(model, t5["state"].params, vocab, text, rng=jax.random.key(seed),
+                              temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K)[0]
+                   for seed in range(2)]
+        fills[text] = [filled, *sampled]
+        print(f"  {text}\n    greedy:  {filled}\n    sampled: " + "\n             ".join(sampled),
+              flush=True)
+    return {"step": t5["step"], "loss": t5["loss"], "fills": fills}
 
 
 def chat_once(pipeline: Any, ctx: Any) -> None:
@@ -190,14 +216,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{pre['heldout_cross_entropy']:.3f} nats/token; a unigram model counted on the train "
           f"cache scores {pre['unigram_heldout_cross_entropy']:.3f}", flush=True)
 
-    _banner("4. Sample continuations (KV cache, top-k 20, temperature 0.8)")
+    _banner(f"4. Sample continuations (KV cache, token healing, top-k {SAMPLE_TOP_K}, "
+            f"temperature {SAMPLE_TEMPERATURE})")
     model, params = pipeline.model_and_params(ctx, ctx.checkpoints("pretrain"))
     for prompt, text in zip(PROMPTS, sample(model, params, vocabulary(ctx), PROMPTS)):
         print(f"  {prompt} -> {text}".replace("\n", " / "), flush=True)
 
     if args.t5_steps:
         _banner("5. T5 v1.1 span corruption, then fill sentinel spans")
-        run_t5(pipeline, cfg, args.t5_steps, cfg.pretrain_batch_size)
+        t5_cache(pipeline, cfg)
+        run_t5(pipeline, cfg, args.t5_steps, T5_BATCH_SIZE)
 
     if cfg.sft_data_dir is not None:
         _banner("6. Instruction SFT of the decoder (Alpaca-zh, ShareGPT-zh), then one chat exchange")

@@ -133,6 +133,34 @@ class Vocabulary:
     def decode_batch(self, batch: Iterable[Iterable[int]], stop_at_eos: bool = True) -> list[str]:
         return [self.decode(ids, stop_at_eos) for ids in batch]
 
+    def heal(self, ids: Sequence[int], size: int | None = None) -> tuple[list[int], np.ndarray | None]:
+        """Token healing for a completion prompt: `ids` less its last token, and a bool mask
+        [size or vocab_size] of the ids whose piece begins with that token's piece (None, and `ids`
+        unchanged, when the last token is a byte, control or user-defined piece, or the only one).
+
+        A prompt cut mid-text ends on a shorter piece than the text has there (`子曰：` ends on `：`
+        where the corpus has `：“`), a context the model has rarely seen; letting the first sampled
+        token re-cover the removed piece removes that bias (as HF generate's `token_healing`).
+        """
+        ids = [int(i) for i in ids]
+        sp = self.tokenizer
+        if len(ids) < 2 or not self._plain(ids[-1]):
+            return ids, None
+        if not hasattr(self, "_pieces"):
+            self._pieces = [sp.id_to_piece(i) if self._plain(i) else None
+                            for i in range(self.vocab_size)]
+        last = self._pieces[ids[-1]]
+        mask = np.zeros(size or self.vocab_size, bool)
+        for i, piece in enumerate(self._pieces):
+            if piece is not None and piece.startswith(last):
+                mask[i] = True
+        return ids[:-1], mask
+
+    def _plain(self, i: int) -> bool:
+        sp = self.tokenizer
+        return not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+                    or sp.id_to_piece(i) in self._chat_ids or i >= self.base_vocab_size)
+
     def __repr__(self) -> str:
         return f"Vocabulary({self.path!r}, extra_ids={self.extra_ids}, vocab_size={self.vocab_size})"
 
@@ -150,3 +178,17 @@ def pad_token_rows(rows: Sequence[Sequence[int]], *, left: bool) -> np.ndarray:
         else:
             out[i, :len(r)] = r
     return out
+
+
+def healed_prompt_batch(vocab: Vocabulary, texts: Sequence[str], size: int
+                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Completion prompts with token healing (`Vocabulary.heal`): left-padded tokens [B, L], the
+    first-token mask [B, size] (all True where a prompt is not healed) and, per prompt, the text
+    its tokens now decode to (strip it from the decoded prompt + completion to get the new text)."""
+    rows, masks, heads = [], [], []
+    for text in texts:
+        ids, mask = vocab.heal(vocab.encode(text), size)
+        rows.append(ids)
+        masks.append(np.ones(size, bool) if mask is None else mask)
+        heads.append(vocab.decode(ids))
+    return pad_token_rows(rows, left=True), np.stack(masks), heads

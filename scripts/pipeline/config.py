@@ -28,6 +28,9 @@ class PipelineConfig:
     # vocab
     vocab_size: int = 32000
     vocab_sentences: int = 2_000_000
+    # False: no `▁` before each document, so a prompt tokenizes as the same text does mid-document
+    # (Chinese has no word spaces; with the prefix, `子曰` opens a prompt as the rare piece `▁子曰`)
+    vocab_add_dummy_prefix: bool = True
     # model preset (decoder) and the LM cache
     model_gin: str = "models/decoder_100m.gin"
     lm_length: int = 2048

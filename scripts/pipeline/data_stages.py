@@ -48,6 +48,7 @@ def stage_vocab(ctx: Context) -> dict:
     stats = vocab.train_tokenizer(
         files=_cleaned_files(ctx), format="jsonl", model_prefix=ctx.dir("vocab", "spm"),
         vocab_size=cfg.vocab_size, input_sentence_size=cfg.vocab_sentences, seed=cfg.seed,
+        add_dummy_prefix=cfg.vocab_add_dummy_prefix,
         validation_fraction=cfg.validation_fraction, progress=False)
     keep = ("vocab_size", "documents_read", "chars_per_token", "byte_fallback_rate",
             "byte_fallback_rate_non_whitespace", "round_trip_mismatches", "heldout")

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from zhchat.models import decoding
 from zhchat.models.decoder import DecoderConfig
@@ -142,3 +143,20 @@ def test_sampled_log_probs_match_score_batch():
     batch["decoder_loss_weights"] = jnp.zeros(full[:, 1:].shape).at[:, -3:].set(1.0)
     np.testing.assert_allclose(model.score_batch(params, batch), jnp.sum(log_probs[:, 1:], 1),
                                rtol=1e-4)
+
+
+def test_first_token_mask_limits_only_the_first_sampled_token():
+    """Token healing: the first token comes from the allowed ids, the rest are sampled as before."""
+    model, params = _model_and_params(seed=2)
+    batch = {"decoder_input_tokens": PROMPTS}
+    allowed = np.zeros((4, CFG.vocab_size), bool)
+    allowed[:, [17, 23]] = True
+    kw = dict(max_decode_length=4, temperature=1.0, top_k=0)
+    out = np.asarray(model.predict_batch(params, batch, jax.random.PRNGKey(5),
+                                         first_token_mask=allowed, **kw))
+    assert set(out[:, 0].tolist()) <= {17, 23}
+    free = np.asarray(model.predict_batch(params, batch, jax.random.PRNGKey(5),
+                                          first_token_mask=np.ones_like(allowed), **kw))
+    np.testing.assert_array_equal(free, model.predict_batch(params, batch, jax.random.PRNGKey(5), **kw))
+    with pytest.raises(ValueError, match="first_token_mask shape"):
+        model.predict_batch(params, batch, jax.random.PRNGKey(5), first_token_mask=allowed[:, :5], **kw)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import VOCAB_SIZE
@@ -155,3 +156,17 @@ def test_bad_paths_fail_before_training(demo_data_dir, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
     assert trained == []
+
+
+def test_token_healing_backs_off_the_last_piece(spm_models):
+    """heal: the prompt less its last piece, and a mask of the pieces that extend that piece's
+    text (so `子曰：` may continue as `：“`); a lone token or a sentinel is left alone."""
+    v = Vocabulary(spm_models["unigram"])
+    ids = v.encode("子曰：")
+    healed, mask = v.heal(ids, v.vocab_size + 28)
+    assert healed == ids[:-1] and mask.shape == (v.vocab_size + 28,) and not mask[v.vocab_size:].any()
+    last = v.id_to_piece(ids[-1])
+    allowed = [v.id_to_piece(i) for i in np.flatnonzero(mask)]
+    assert last in allowed and all(p.startswith(last) for p in allowed)
+    assert v.heal(ids[:1]) == (ids[:1], None)
+    assert v.heal(ids + [v.sentinel_id(0)])[1] is None
