@@ -1,0 +1,5 @@
+import sys
+
+from zhchat.scripts.evaluate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""Offline evaluation: batched scores equal one-at-a-time scores (decoder and T5), a planted model
+scores exactly the expected CMMLU accuracy, bad records are counted, and the CLI writes its report."""
+
+from __future__ import annotations
+
+import json
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from zhchat.scripts.evaluate import cli, scoring, suites
+from zhchat.tasks import eval_sets, sources
+from zhchat.tasks.vocabulary import Vocabulary
+from zhchat.trainer import gin_cli, train
+
+VOCAB = 3200  # the 3000-piece test tokenizer + 100 sentinels, padded
+
+
+def _model(preset: str):
+    gin.clear_config()
+    gin_cli.parse_gin([preset], [f"VOCAB_SIZE = {VOCAB}"])
+    model = gin_cli.evaluate_macro("MODEL")
+    gin.clear_config()
+    return model
+
+
+def _reference(model, params, context, continuation, encdec, score_batch):
+    """One request, unpadded, through score_batch directly."""
+    if encdec:
+        t = np.asarray([continuation], np.int32)
+        batch = {"encoder_input_tokens": np.asarray([list(context) + [model.eos_id]], np.int32),
+                 "decoder_target_tokens": t,
+                 "decoder_input_tokens": np.concatenate([np.zeros((1, 1), np.int32), t[:, :-1]], 1),
+                 "decoder_loss_weights": np.ones_like(t, np.float32)}
+    else:
+        seq = np.asarray([list(context) + list(continuation)], np.int32)
+        weights = np.zeros(seq.shape, np.float32)
+        weights[0, len(context):] = 1
+        batch = {"decoder_target_tokens": seq, "decoder_loss_weights": weights,
+                 "decoder_input_tokens": np.concatenate([np.zeros((1, 1), np.int32), seq[:, :-1]], 1)}
+    return float(np.asarray(score_batch(params, batch))[0])
+
+
+@pytest.mark.parametrize("preset", ["models/decoder_tiny.gin", "models/t5_tiny.gin"])
+def test_batched_scores_equal_one_at_a_time(preset):
+    model = _model(preset)
+    encdec = "t5" in preset
+    shapes = ({"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)} if encdec
+              else {"decoder_input_tokens": (1, 8)})
+    params = model.init_params(jax.random.key(0), shapes)
+    rng = np.random.default_rng(0)
+    # 5 rows over 2 batches of 4 (one filler-padded), lengths across two 8-token buckets
+    requests = [(rng.integers(2, 3000, n).tolist(), rng.integers(2, 3000, m).tolist())
+                for n, m in ((0, 3), (5, 1), (12, 2), (3, 4), (9, 5))]
+    scorer = scoring.Scorer(model, params, batch_size=4, bucket=8, progress=False)
+    got = scorer.score(requests)
+    reference = jax.jit(model.score_batch)
+    want = [_reference(model, params, c, t, encdec, reference) for c, t in requests]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    assert np.all(got < 0)
+
+
+def _planted_decoder(letter_id: int):
+    """decoder_tiny with every block's output projections zero and every embedding row pointing the
+    same way, `letter_id`'s 100 times longer: the next-token argmax is `letter_id` after any text."""
+    model = _model("models/decoder_tiny.gin")
+    params = model.init_params(jax.random.key(0), {"decoder_input_tokens": (1, 8)})
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    direction = np.random.default_rng(1).normal(size=model.config.emb_dim).astype(np.float32)
+
+    def plant(path, x):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if "embedding" in name:
+            table = np.tile(0.01 * direction, (x.shape[0], 1))
+            table[letter_id] = direction
+            return jax.numpy.asarray(table, x.dtype)
+        if "scale" in name:   # norms: keep
+            return x
+        return jax.numpy.zeros_like(x)  # every kernel: the residual stream is the embedding
+
+    assert model.config.tie_embeddings, "the planted readout is the tied embedding"
+    leaves = [plant(p, x) for p, x in flat]
+    return model, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves)
+
+
+def _write_cmmlu(root, answers):
+    for split in ("dev", "test"):
+        (root / split).mkdir(parents=True)
+        rows = [",Question,A,B,C,D,Answer"] + [f"{i},问题{i}是什么？,甲,乙,丙,丁,{a}"
+                                                for i, a in enumerate(answers)]
+        rows.append("99,坏的一行,甲,乙,丙,丁,E")  # a bad answer letter: counted, not fatal
+        (root / split / "toy_subject.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def test_planted_model_scores_exactly_the_share_of_its_letter(spm_models, tmp_path):
+    vocab = Vocabulary(spm_models["unigram"])
+    _, letter = scoring.split_continuation(vocab, "答案是：", "A")
+    assert len(letter) == 1
+    model, params = _planted_decoder(letter[0])
+    answers = "ABCDAABCAD"  # 4 of 10 are A
+    _write_cmmlu(tmp_path / "cmmlu", answers)
+    counter = sources.SkipCounter()
+    test = eval_sets.read_cmmlu(str(tmp_path / "cmmlu" / "test"), counter)
+    dev = eval_sets.read_cmmlu(str(tmp_path / "cmmlu" / "dev"), counter)
+    assert counter.as_dict() == {"cmmlu_bad_answer": 2} and len(test["toy_subject"]) == 10
+    scorer = scoring.Scorer(model, params, batch_size=8, progress=False)
+    for shots in (0, 5):
+        r = suites.cmmlu(scorer, vocab, test, dev, shots=shots)
+        assert r["accuracy"] == pytest.approx(0.4) and r["per_subject"] == {"toy_subject": 0.4}
+
+
+def test_c3_reader_counts_malformed_questions(tmp_path):
+    docs = [[["男：你好。", "女：你好。"], [{"question": "他们在做什么?", "choice": ["打招呼", "吃饭"],
+                                         "answer": "打招呼"},
+                                        {"question": "坏的", "choice": ["甲"], "answer": "乙"}], "1-1"],
+            "not a document"]
+    path = tmp_path / "c3-d-dev.json"
+    path.write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
+    counter = sources.SkipCounter()
+    qs = eval_sets.read_c3([str(path)], counter)
+    assert [(q.question, q.answer, q.choices) for q in qs] == [("他们在做什么?", 0, ("打招呼", "吃饭"))]
+    assert counter.as_dict() == {"c3_malformed_document": 1, "c3_malformed_question": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("eval") / "run")
+    gin.clear_config()
+    gin_cli.parse_gin(["models/decoder_tiny.gin", "runs/pretrain.gin", "runs/synthetic_data.gin"],
+                      [f"VOCAB_SIZE = {VOCAB}", f"RUN_DIR = '{run_dir}'", "BATCH_SIZE = 8",
+                       "make_synthetic_iterator.seq_len = 16",
+                       f"make_synthetic_iterator.vocab_size = {VOCAB}", "train.log_every = 1",
+                       "train.progress_bar = False", "train.async_checkpointing = False"])
+    train.train(num_steps=2)
+    gin.clear_config()
+    return run_dir
+
+
+def test_cli_writes_report_for_every_suite(tiny_run, spm_models, tmp_path, capsys):
+    _write_cmmlu(tmp_path / "cmmlu", "ABCD")
+    c3 = tmp_path / "c3.json"
+    c3.write_text(json.dumps([[["女：明天见。"], [{"question": "她说什么?", "choice": ["明天见", "再见",
+                                                                                "你好"],
+                                                 "answer": "明天见"}], "x"]], ensure_ascii=False),
+                  encoding="utf-8")
+    out = tmp_path / "report"
+    rc = cli.main([f"--run_dir={tiny_run}", f"--vocab={spm_models['unigram']}", f"--out={out}",
+                   "--no_progress", "--batch_size=4",
+                   f"--gin.Suites.cmmlu_dir='{tmp_path / 'cmmlu'}'",
+                   f"--gin.Suites.c3_files=['{c3}']", "--gin.Suites.lm_max_docs=3"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    res = report["results"]
+    assert set(res) == {"lm", "cmmlu", "c3"}
+    assert res["cmmlu"]["5shot"]["questions"] == 4 and res["c3"]["questions"] == 1
+    lm = res["lm"]["shu_books_sample.jsonl.gz"]
+    assert lm["documents"] == 3 and lm["bits_per_char"] > 0 and lm["perplexity"] > 1
+    assert report["skipped"] == {"cmmlu_bad_answer": 2}
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "CC BY-NC-SA" in md and "non-commercial research" in md and (out / "cmmlu.png").exists()
+
+
+def test_cli_checks_data_paths_before_loading(tiny_run, spm_models, tmp_path, capsys):
+    rc = cli.main([f"--run_dir={tiny_run}", f"--vocab={spm_models['unigram']}",
+                   f"--out={tmp_path}", "--gin.Suites.cmmlu_dir='/nonexistent/cmmlu'"])
+    assert rc == 2 and "missing evaluation data" in capsys.readouterr().err
