@@ -10,6 +10,7 @@ import time
 from typing import Sequence
 
 import gin
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_SUITES = "evals/all.gin"
@@ -39,7 +40,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for report.json, report.md, *.png")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_len", type=int, default=1024)
+    p.add_argument("--bucket", type=int, default=64,
+                   help="rows are padded to a multiple of this many tokens (fewer compiles)")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--params_under", default="",
+                   help="the params' subtree in the checkpoint, e.g. 'policy' for a PPO run")
+    rl = p.add_argument_group("RLHF suites")
+    rl.add_argument("--rm_checkpoint", help="reward-model checkpoints (rl.cli reward) of this model")
+    rl.add_argument("--pairs", help="preference jsonl glob: RM pairwise accuracy and the policy's "
+                    "prompts (their held-back split: every 10th record)")
+    rl.add_argument("--reference_checkpoint", help="a reference policy's checkpoints (e.g. SFT): "
+                    "win rate by the reward model and KL to it")
+    rl.add_argument("--max_prompt_len", type=int, default=256)
+    rl.add_argument("--max_response_len", type=int, default=256)
+    rl.add_argument("--policy_prompts", type=int, default=64)
+    rl.add_argument("--max_decode_length", type=int, default=64)
+    rl.add_argument("--samples_file", help="prompts (a line each, or jsonl {\"prompt\"}): chat "
+                    "replies in the report")
     p.epilog = ("Suites: --suite_gin=evals/cmmlu.gin (repeatable; default evals/all.gin), settings "
                 "--gin.Suites.cmmlu_shots=[0] (scripts/evaluate/suites.py). Model: --gin_file and "
                 "--gin.X=Y as for training when RUN_DIR has no config.gin.")
@@ -52,6 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("give --run_dir (or --checkpoint_dir with --gin_file)")
     if not os.path.isfile(args.vocab):
         p.error(f"--vocab {args.vocab!r} does not exist")
+    for flag in ("rm_checkpoint", "reference_checkpoint", "samples_file"):
+        if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
+            p.error(f"--{flag} {getattr(args, flag)!r} does not exist")
+    if (args.rm_checkpoint or args.reference_checkpoint) and not args.pairs:
+        p.error("--rm_checkpoint / --reference_checkpoint need --pairs (preference jsonl)")
+    if args.reference_checkpoint and not args.rm_checkpoint:
+        p.error("--reference_checkpoint needs --rm_checkpoint (the judge)")
+    if args.pairs and not glob.glob(args.pairs):
+        p.error(f"--pairs {args.pairs!r} matches no file")
     suite_bindings = [b for b in bindings if b.startswith("Suites.")]
     model_bindings = [b for b in bindings if not b.startswith("Suites.")]
     try:
@@ -63,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         vocab = Vocabulary(args.vocab, extra_ids=100)
         model, params, step = load(args.run_dir, args.checkpoint_dir, gin_files, model_bindings,
                                    args.step)
+        if args.params_under:
+            from zhchat.rl.cli import load_params
+            params = load_params(directory=args.checkpoint_dir or os.path.join(args.run_dir,
+                                                                               "checkpoints"),
+                                 model=model, step=args.step,
+                                 under=tuple(args.params_under.split("/")))
     except (FileNotFoundError, ValueError, gin_cli.GinConfigError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
@@ -71,10 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{model.config.vocab_size}: wrong vocabulary for this checkpoint", file=sys.stderr)
         return 2
     scorer = scoring.Scorer(model, params, batch_size=args.batch_size, max_len=args.max_len,
+                            bucket=args.bucket,
                             progress=not args.no_progress)
     counter = sources.SkipCounter()
     t0 = time.time()
     results = suites.run(config, scorer, vocab, counter, resolve=resolve)
+    results.update(_rl_suites(args, model, params, vocab, counter))
     report = {"checkpoint": args.checkpoint_dir or args.run_dir, "step": step,
               "model": type(model).__name__, "vocab": args.vocab, "results": results,
               "skipped": counter.as_dict(), "contexts_truncated": scorer.truncated,
@@ -87,9 +121,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _rl_suites(args, model, params, vocab, counter) -> dict:
+    """Reward-model accuracy, policy vs reference and chat samples, as the flags ask."""
+    from zhchat.scripts.evaluate import rl_suites
+
+    out = {}
+    if args.rm_checkpoint:
+        from zhchat.rl.cli import load_params
+        from zhchat.rl.preference_data import PreferenceExamples, _pad
+        from zhchat.rl.reward_model import RewardModel
+
+        rm = RewardModel(backbone=model)
+        rm_params = load_params(directory=args.rm_checkpoint, model=rm)
+        pairs = PreferenceExamples(files=args.pairs, vocab=vocab, max_prompt_len=args.max_prompt_len,
+                                   max_response_len=args.max_response_len, split="all")
+        for reason, n in pairs.skips.as_dict().items():
+            counter.add(f"pairs_{reason}", args.pairs, n)
+        out["reward_model"] = rl_suites.reward_model_accuracy(
+            rm, rm_params, pairs.examples, prompt_len=args.max_prompt_len,
+            response_len=args.max_response_len, batch_size=args.batch_size)
+        if args.reference_checkpoint:
+            from zhchat.rl import rollout
+
+            ref_params = load_params(directory=args.reference_checkpoint, model=model)
+            held = PreferenceExamples(files=args.pairs, vocab=vocab,
+                                      max_prompt_len=args.max_prompt_len, split="validation")
+            prompts = [e["prompt"] for e in held.examples[:args.policy_prompts]]
+            padded = np.asarray(rollout.left_pad(_pad(prompts, args.max_prompt_len), model.pad_id))
+            out["policy"] = rl_suites.policy_vs_reference(
+                model, params, ref_params, rm, rm_params, padded, eos_id=vocab.eos_id,
+                max_decode_length=args.max_decode_length)
+    if args.samples_file:
+        prompts = rl_suites.read_prompts(args.samples_file, counter)
+        out["samples"] = rl_suites.chat_samples(model, params, vocab, prompts,
+                                                max_new_tokens=args.max_decode_length)
+    return out
+
+
 def _check_paths(config) -> None:
     """Every configured data path exists, before the checkpoint loads."""
-    from zhchat.tasks import sources
+    from zhchat.tasks import eval_sets, sources
 
     missing = []
     for files, _, _ in config.lm_corpora:
@@ -106,6 +177,15 @@ def _check_paths(config) -> None:
             sources.expand_files(resolve(f))
         except FileNotFoundError:
             missing.append(f"C3 files {f!r}")
+    if config.fewclue_dir:
+        unknown = sorted(set(config.fewclue_tasks) - set(eval_sets.FEWCLUE_TASKS))
+        if unknown:
+            raise ValueError(f"unknown FewCLUE tasks {unknown}; known: {eval_sets.FEWCLUE_TASKS}")
+        for task in config.fewclue_tasks:
+            for split in ("train", config.fewclue_split):
+                path = os.path.join(resolve(config.fewclue_dir), task, f"{split}_few_all.json")
+                if not os.path.isfile(path):
+                    missing.append(f"FewCLUE file {path!r}")
     if missing:
         raise FileNotFoundError("missing evaluation data: " + "; ".join(missing) +
                                 " (set the paths with --gin.Suites.<field>=...)")

@@ -45,6 +45,32 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## C3 (choice log-likelihood after passage + question)", "",
                   f"{r['questions']} questions: acc_norm (per character) {_pct(r['acc_norm'])}, "
                   f"acc (summed) {_pct(r['acc'])}, chance {_pct(r['chance'])}.", ""]
+    if "fewclue" in res:
+        lines += ["## FewCLUE zero-shot (verbaliser log-likelihood per character)", "",
+                  "| task | examples | accuracy | macro-F1 | majority acc | majority F1 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for task, r in res["fewclue"].items():
+            if r.get("examples"):
+                lines.append(f"| {task} | {r['examples']} | {_pct(r['accuracy'])} | "
+                             f"{_pct(r['macro_f1'])} | {_pct(r['majority_accuracy'])} | "
+                             f"{_pct(r['majority_macro_f1'])} |")
+        lines.append("")
+    if "reward_model" in res:
+        r = res["reward_model"]
+        lines += ["## Reward model", "", f"{r['pairs']} pairs: pairwise accuracy "
+                  f"{_pct(r['pairwise_accuracy'])}, mean margin {r['margin']:.3f}.", ""]
+    if "policy" in res:
+        r = res["policy"]
+        lines += ["## Policy against the reference", "",
+                  f"{r['prompts']} held-back prompts: reward-model win rate {_pct(r['win_rate'])} "
+                  f"(score {r['rm_score_policy']:.3f} vs {r['rm_score_reference']:.3f}), "
+                  f"KL to the reference {r['kl']:.3f} nats per reply.", ""]
+    if "samples" in res:
+        lines += ["## Samples (chat template)", ""]
+        for s in res["samples"]:
+            lines += [f"- **user**: {s['prompt']}", f"  **assistant**: {s['reply']}".replace(
+                "\n", " / ")]
+        lines.append("")
     if report.get("skipped"):
         lines += ["## Skipped records", "", *[f"- {k}: {n}" for k, n in report["skipped"].items()],
                   ""]

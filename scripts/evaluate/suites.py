@@ -1,4 +1,4 @@
-"""The evaluation suites: language modelling (perplexity, bits per character), CMMLU, C3.
+"""The evaluation suites: language modelling (perplexity, bits per character), CMMLU, C3, FewCLUE.
 
 Each suite turns its data into scoring requests (`scoring.Scorer`) and returns a JSON-able dict.
 Multiple choice follows the CMMLU / lm-evaluation-harness conventions; differences are noted in
@@ -112,6 +112,36 @@ def c3(scorer: Scorer, vocab: Any, questions: Sequence[eval_sets.MultipleChoice]
                          for g in groups}}
 
 
+def macro_f1(gold: Sequence[int], pred: Sequence[int]) -> float:
+    """Unweighted mean of per-class F1 over the classes in `gold` or `pred`."""
+    f1 = []
+    for c in sorted(set(gold) | set(pred)):
+        tp = sum(g == c and p == c for g, p in zip(gold, pred))
+        fp = sum(g != c and p == c for g, p in zip(gold, pred))
+        fn = sum(g == c and p != c for g, p in zip(gold, pred))
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return float(np.mean(f1)) if f1 else 0.0
+
+
+def fewclue(scorer: Scorer, vocab: Any, task: str, examples: Sequence[eval_sets.Classification],
+            train_gold: Sequence[int]) -> dict:
+    """Zero-shot by verbaliser likelihood: the option whose continuation has the highest
+    log-likelihood per character after the prompt; accuracy and macro-F1 beside the majority class
+    of the train file (its accuracy and macro-F1 on the same examples)."""
+    if not examples:
+        return {"examples": 0}
+    scores = _choice_scores(scorer, vocab, [e.prompt for e in examples],
+                            [e.options for e in examples], desc=f"fewclue {task}")
+    pred = [int(np.argmax(s / np.array([max(len(o), 1) for o in e.options])))
+            for s, e in zip(scores, examples)]
+    gold = [e.answer for e in examples]
+    majority = max(set(train_gold), key=list(train_gold).count) if train_gold else 0
+    return {"examples": len(examples), "accuracy": float(np.mean(np.equal(pred, gold))),
+            "macro_f1": macro_f1(gold, pred),
+            "majority_accuracy": float(np.mean(np.equal(gold, majority))),
+            "majority_macro_f1": macro_f1(gold, [majority] * len(gold))}
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Suites:
@@ -125,16 +155,30 @@ class Suites:
     cmmlu_shots: Sequence[int] = (0, 5)
     cmmlu_subjects: Sequence[str] | None = None
     c3_files: Sequence[str] = ()
+    fewclue_dir: str | None = None                    # has <task>/{train,dev}_few_all.json
+    fewclue_tasks: Sequence[str] = eval_sets.FEWCLUE_TASKS
+    fewclue_split: str = "dev"
+    fewclue_max_examples: int | None = None           # per task (iflytek has 119 labels)
 
 
 def run(suites: Suites, scorer: Scorer, vocab: Any, counter: sources.SkipCounter,
         resolve=lambda p: p) -> dict:
-    """Runs the configured suites; {suite: result}."""
+    """Runs the configured suites; {suite: result, "seconds": {suite: wall time}}."""
+    import time
+
     report: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    clock = [time.time()]
+
+    def lap(name: str) -> None:
+        seconds[name] = time.time() - clock[0]
+        clock[0] = time.time()
+
     if suites.lm_corpora:
         corpora = [(resolve(f), fmt, field) for f, fmt, field in suites.lm_corpora]
         report["lm"] = language_modelling(scorer, vocab, corpora, counter,
                                           seq_len=suites.lm_seq_len, max_docs=suites.lm_max_docs)
+        lap("lm")
     if suites.cmmlu_dir:
         root = resolve(suites.cmmlu_dir)
         test = eval_sets.read_cmmlu(os.path.join(root, suites.cmmlu_split), counter,
@@ -142,7 +186,18 @@ def run(suites: Suites, scorer: Scorer, vocab: Any, counter: sources.SkipCounter
         dev = eval_sets.read_cmmlu(os.path.join(root, "dev"), counter, suites.cmmlu_subjects)
         report["cmmlu"] = {f"{k}shot": cmmlu(scorer, vocab, test, dev, shots=k)
                            for k in suites.cmmlu_shots}
+        lap("cmmlu")
     if suites.c3_files:
         files = sources.expand_files([resolve(f) for f in suites.c3_files])
         report["c3"] = c3(scorer, vocab, eval_sets.read_c3(files, counter))
+        lap("c3")
+    if suites.fewclue_dir:
+        report["fewclue"] = {}
+        for task in suites.fewclue_tasks:
+            examples, train_gold = eval_sets.read_fewclue(resolve(suites.fewclue_dir), task,
+                                                          counter, suites.fewclue_split)
+            report["fewclue"][task] = fewclue(scorer, vocab, task,
+                                              examples[:suites.fewclue_max_examples], train_gold)
+        lap("fewclue")
+    report["seconds"] = seconds
     return report

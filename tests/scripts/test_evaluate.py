@@ -111,6 +111,34 @@ def test_planted_model_scores_exactly_the_share_of_its_letter(spm_models, tmp_pa
         assert r["accuracy"] == pytest.approx(0.4) and r["per_subject"] == {"toy_subject": 0.4}
 
 
+def _write_bustm(root, labels):
+    (root / "bustm").mkdir(parents=True)
+    for split in ("train", "dev"):
+        lines = [json.dumps({"id": i, "sentence1": f"句子{i}", "sentence2": f"另一句{i}", "label": l},
+                            ensure_ascii=False) for i, l in enumerate(labels)]
+        lines += ["{not json", json.dumps({"id": 99, "sentence1": "缺标签"}, ensure_ascii=False)]
+        (root / "bustm" / f"{split}_few_all.json").write_text("\r\n".join(lines) + "\r\n",
+                                                              encoding="utf-8")
+
+
+def test_planted_model_scores_exactly_the_share_of_its_verbaliser(spm_models, tmp_path):
+    vocab = Vocabulary(spm_models["unigram"])
+    prompt = "“句子0”和“另一句0”的意思相同吗？答案："
+    _, yes = scoring.split_continuation(vocab, prompt, "是")
+    _, no = scoring.split_continuation(vocab, prompt, "否")
+    assert len(yes) == len(no) == 1
+    model, params = _planted_decoder(yes[0])
+    _write_bustm(tmp_path, ["1", "0", "1", "1", "0"])  # 3 of 5 are the same meaning (是)
+    counter = sources.SkipCounter()
+    examples, train_gold = eval_sets.read_fewclue(str(tmp_path), "bustm", counter)
+    assert len(examples) == 5 and counter.as_dict() == {"fewclue_bustm_bad_json": 2,
+                                                        "fewclue_bustm_malformed": 2}
+    r = suites.fewclue(scoring.Scorer(model, params, batch_size=4, progress=False), vocab, "bustm",
+                       examples, train_gold)
+    assert r["accuracy"] == pytest.approx(0.6) and r["majority_accuracy"] == pytest.approx(0.6)
+    assert r["macro_f1"] == pytest.approx(r["majority_macro_f1"]) == pytest.approx(0.375)
+
+
 def test_c3_reader_counts_malformed_questions(tmp_path):
     docs = [[["男：你好。", "女：你好。"], [{"question": "他们在做什么?", "choice": ["打招呼", "吃饭"],
                                          "answer": "打招呼"},
@@ -145,24 +173,66 @@ def test_cli_writes_report_for_every_suite(tiny_run, spm_models, tmp_path, capsy
                                                                                 "你好"],
                                                  "answer": "明天见"}], "x"]], ensure_ascii=False),
                   encoding="utf-8")
+    _write_bustm(tmp_path / "fewclue", ["1", "0"])
+    (tmp_path / "prompts.txt").write_text("请介绍一下北京。\n", encoding="utf-8")
     out = tmp_path / "report"
-    rc = cli.main([f"--run_dir={tiny_run}", f"--vocab={spm_models['unigram']}", f"--out={out}",
+    rc = cli.main([f"--samples_file={tmp_path / 'prompts.txt'}", "--max_decode_length=4",f"--gin.Suites.fewclue_dir='{tmp_path / 'fewclue'}'",
+                   "--gin.Suites.fewclue_tasks=['bustm']",f"--run_dir={tiny_run}", f"--vocab={spm_models['unigram']}", f"--out={out}",
                    "--no_progress", "--batch_size=4",
                    f"--gin.Suites.cmmlu_dir='{tmp_path / 'cmmlu'}'",
                    f"--gin.Suites.c3_files=['{c3}']", "--gin.Suites.lm_max_docs=3"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     res = report["results"]
-    assert set(res) == {"lm", "cmmlu", "c3"}
+    assert set(res) == {"lm", "cmmlu", "c3", "fewclue", "samples"}
+    assert res["samples"][0]["prompt"] == "请介绍一下北京。" and isinstance(res["samples"][0]["reply"], str)
+    assert res["fewclue"]["bustm"]["examples"] == 2
     assert res["cmmlu"]["5shot"]["questions"] == 4 and res["c3"]["questions"] == 1
     lm = res["lm"]["shu_books_sample.jsonl.gz"]
     assert lm["documents"] == 3 and lm["bits_per_char"] > 0 and lm["perplexity"] > 1
-    assert report["skipped"] == {"cmmlu_bad_answer": 2}
+    assert report["skipped"] == {"cmmlu_bad_answer": 2, "fewclue_bustm_bad_json": 2,
+                                 "fewclue_bustm_malformed": 2}
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert "CC BY-NC-SA" in md and "non-commercial research" in md and (out / "cmmlu.png").exists()
+    assert "CC BY-NC-SA" in md and "non-commercial research" in md and "FewCLUE" in md and (out / "cmmlu.png").exists()
 
 
 def test_cli_checks_data_paths_before_loading(tiny_run, spm_models, tmp_path, capsys):
     rc = cli.main([f"--run_dir={tiny_run}", f"--vocab={spm_models['unigram']}",
                    f"--out={tmp_path}", "--gin.Suites.cmmlu_dir='/nonexistent/cmmlu'"])
     assert rc == 2 and "missing evaluation data" in capsys.readouterr().err
+
+
+def test_reward_accuracy_and_policy_against_itself(spm_models, tmp_path):
+    """RM accuracy from batched rewards equals the per-pair comparison; a policy judged against
+    itself (same params, same seed) has KL 0 and wins no prompt; prompt files count bad lines."""
+    from zhchat.rl import rollout
+    from zhchat.rl.preference_data import _pad
+    from zhchat.rl.reward_model import RewardModel
+    from zhchat.scripts.evaluate import rl_suites
+
+    vocab = Vocabulary(spm_models["unigram"])
+    model = _model("models/decoder_tiny.gin")
+    params = model.init_params(jax.random.key(0), {"decoder_input_tokens": (1, 8)})
+    rm = RewardModel(backbone=model)
+    rm_params = rm.init_params(jax.random.key(1), {"decoder_input_tokens": (1, 8)})
+    rng = np.random.default_rng(0)
+    examples = [{"prompt": rng.integers(2, 3000, 6).tolist(), "scores": None,
+                 "responses": [rng.integers(2, 3000, 5).tolist(), rng.integers(2, 3000, 3).tolist()]}
+                for _ in range(5)]
+    r = rl_suites.reward_model_accuracy(rm, rm_params, examples, prompt_len=8, response_len=8,
+                                        batch_size=4)
+    one = lambda seq: float(np.asarray(rm.rewards(rm_params, {"decoder_input_tokens":  # noqa: E731
+                                                              np.asarray([seq], np.int32)}))[0])
+    diffs = [one(e["prompt"] + e["responses"][0]) - one(e["prompt"] + e["responses"][1])
+             for e in examples]
+    assert r["pairs"] == 5 and r["pairwise_accuracy"] == pytest.approx(np.mean(np.array(diffs) > 0))
+    assert r["margin"] == pytest.approx(np.mean(diffs), abs=1e-4)
+    prompts = np.asarray(rollout.left_pad(_pad([e["prompt"] for e in examples[:4]], 8), 0))
+    p = rl_suites.policy_vs_reference(model, params, params, rm, rm_params, prompts,
+                                      eos_id=vocab.eos_id, max_decode_length=6)
+    assert p["prompts"] == 4 and p["win_rate"] == 0.0 and abs(p["kl"]) < 1e-5
+    path = tmp_path / "prompts.txt"
+    path.write_text('你好\n\n{"prompt": "介绍一下北京"}\n{"bad": 1}\n', encoding="utf-8")
+    counter = sources.SkipCounter()
+    assert rl_suites.read_prompts(str(path), counter) == ["你好", "介绍一下北京"]
+    assert counter.as_dict() == {"samples_blank_line": 1, "samples_malformed_line": 1}
