@@ -13,7 +13,7 @@ import gin
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_SUITES = "evals/all.gin"
+DEFAULT_SUITES = "runs/eval.gin"
 
 
 def resolve(path: str) -> str:
@@ -57,8 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rl.add_argument("--max_decode_length", type=int, default=64)
     rl.add_argument("--samples_file", help="prompts (a line each, or jsonl {\"prompt\"}): chat "
                     "replies in the report")
-    p.epilog = ("Suites: --suite_gin=evals/cmmlu.gin (repeatable; default evals/all.gin), settings "
-                "--gin.Suites.cmmlu_shots=[0] (scripts/evaluate/suites.py). Model: --gin_file and "
+    p.epilog = ("Suites: --suite_gin=evals/cmmlu.gin (repeatable; default runs/eval.gin: every "
+                "suite), settings --gin.Suites.cmmlu_shots=[0] (scripts/evaluate/suites.py). Model: --gin_file and "
                 "--gin.X=Y as for training when RUN_DIR has no config.gin.")
     raw = list(sys.argv[1:] if argv is None else argv)
     suite_files = [a.split("=", 1)[1] for a in raw if a.startswith("--suite_gin=")]
@@ -102,8 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"evaluate: {args.vocab} has {vocab.vocab_size} ids but the model's embedding has "
               f"{model.config.vocab_size}: wrong vocabulary for this checkpoint", file=sys.stderr)
         return 2
+    from zhchat.trainer import partitioning
+
     scorer = scoring.Scorer(model, params, batch_size=args.batch_size, max_len=args.max_len,
-                            bucket=args.bucket,
+                            bucket=args.bucket, partitioner=partitioning.Partitioner(),
                             progress=not args.no_progress)
     counter = sources.SkipCounter()
     t0 = time.time()

@@ -4,7 +4,8 @@ A request is (context ids, continuation ids). The decoder scores context + conti
 (inputs shifted right with 0, loss weights on the continuation); T5 encodes the context (+ EOS) and
 scores the continuation as its targets. Rows are sorted by length, padded to a multiple of `bucket`
 tokens and to a full batch, so a suite compiles a handful of shapes; results come back in request
-order. Contexts longer than the model's window lose tokens from the left (counted).
+order. Contexts longer than the model's window lose tokens from the left (counted). With a
+partitioner, each batch is split over the mesh's data axes (the params as the checkpoint restored them).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Scorer:
     max_len: int = 1024          # decoder: the whole row; T5: the encoder input
     max_target_len: int = 256    # T5 targets
     progress: bool = True
+    partitioner: Any = None      # trainer/partitioning.Partitioner: batches split over its data axes
     truncated: int = 0           # requests whose context was cut from the left
 
     def __post_init__(self):
@@ -35,6 +37,9 @@ class Scorer:
 
         from zhchat.models.encdec_model import EncoderDecoderModel
 
+        if self.partitioner is not None:  # every data-parallel shard gets whole rows
+            dp = self.partitioner.data_parallel_size
+            self.batch_size = -(-self.batch_size // dp) * dp
         self.encdec = isinstance(self.model, EncoderDecoderModel)
         if not self.encdec:
             self.max_len = min(self.max_len, self.model.config.max_len)
@@ -91,7 +96,11 @@ class Scorer:
         starts = range(0, len(order), self.batch_size)
         for s in tqdm.tqdm(starts, desc=desc, disable=not self.progress, leave=False):
             idx = order[s:s + self.batch_size]
-            scores = np.asarray(self._fn(self.params, self._batch([fitted[i] for i in idx])))
+            batch = self._batch([fitted[i] for i in idx])
+            if self.partitioner is not None:
+                import jax
+                batch = jax.device_put(batch, self.partitioner.batch_sharding)
+            scores = np.asarray(self._fn(self.params, batch))
             out[idx] = scores[:len(idx)]
         return out
 

@@ -60,6 +60,13 @@ def test_batched_scores_equal_one_at_a_time(preset):
     want = [_reference(model, params, c, t, encdec, reference) for c, t in requests]
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
     assert np.all(got < 0)
+    # sharded over the test's 8 host devices (batch rounded up to 8) == unsharded
+    from zhchat.trainer import partitioning
+    part = partitioning.Partitioner()
+    sharded = scoring.Scorer(model, jax.device_put(params, part.replicated), batch_size=4, bucket=8,
+                             progress=False, partitioner=part)
+    assert sharded.batch_size == max(4, part.data_parallel_size)
+    np.testing.assert_allclose(sharded.score(requests), got, rtol=2e-4, atol=2e-4)
 
 
 def _planted_decoder(letter_id: int):
@@ -169,23 +176,26 @@ def tiny_run(tmp_path_factory):
 def test_cli_writes_report_for_every_suite(tiny_run, spm_models, tmp_path, capsys):
     _write_cmmlu(tmp_path / "cmmlu", "ABCD")
     c3 = tmp_path / "c3.json"
-    c3.write_text(json.dumps([[["女：明天见。"], [{"question": "她说什么?", "choice": ["明天见", "再见",
-                                                                                "你好"],
-                                                 "answer": "明天见"}], "x"]], ensure_ascii=False),
+    question = {"question": "她说什么?", "choice": ["明天见", "再见", "你好"], "answer": "明天见"}
+    c3.write_text(json.dumps([[["女：明天见。"], [question], "x"]], ensure_ascii=False),
                   encoding="utf-8")
     _write_bustm(tmp_path / "fewclue", ["1", "0"])
     (tmp_path / "prompts.txt").write_text("请介绍一下北京。\n", encoding="utf-8")
     out = tmp_path / "report"
-    rc = cli.main([f"--samples_file={tmp_path / 'prompts.txt'}", "--max_decode_length=4",f"--gin.Suites.fewclue_dir='{tmp_path / 'fewclue'}'",
-                   "--gin.Suites.fewclue_tasks=['bustm']",f"--run_dir={tiny_run}", f"--vocab={spm_models['unigram']}", f"--out={out}",
-                   "--no_progress", "--batch_size=4",
+    rc = cli.main([f"--run_dir={tiny_run}", f"--vocab={spm_models['unigram']}", f"--out={out}",
+                   "--no_progress", "--batch_size=4", "--max_decode_length=4",
+                   f"--samples_file={tmp_path / 'prompts.txt'}",
+                   f"--gin.Suites.fewclue_dir='{tmp_path / 'fewclue'}'",
+                   "--gin.Suites.fewclue_tasks=['bustm']",
                    f"--gin.Suites.cmmlu_dir='{tmp_path / 'cmmlu'}'",
                    f"--gin.Suites.c3_files=['{c3}']", "--gin.Suites.lm_max_docs=3"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     res = report["results"]
-    assert set(res) == {"lm", "cmmlu", "c3", "fewclue", "samples"}
-    assert res["samples"][0]["prompt"] == "请介绍一下北京。" and isinstance(res["samples"][0]["reply"], str)
+    assert set(res) == {"lm", "cmmlu", "c3", "fewclue", "samples", "seconds"}
+    assert set(res["seconds"]) == {"lm", "cmmlu", "c3", "fewclue"}
+    sample = res["samples"][0]
+    assert sample["prompt"] == "请介绍一下北京。" and isinstance(sample["reply"], str)
     assert res["fewclue"]["bustm"]["examples"] == 2
     assert res["cmmlu"]["5shot"]["questions"] == 4 and res["c3"]["questions"] == 1
     lm = res["lm"]["shu_books_sample.jsonl.gz"]
