@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             progress=not args.no_progress)
     counter = sources.SkipCounter()
     t0 = time.time()
-    results = suites.run(config, scorer, vocab, counter, resolve=resolve)
+    results = suites.run(config, scorer, vocab, counter, resolve=resolve, vocab_path=args.vocab)
     results.update(_rl_suites(args, model, params, vocab, counter))
     report = {"checkpoint": args.checkpoint_dir or args.run_dir, "step": step,
               "model": type(model).__name__, "vocab": args.vocab, "results": results,

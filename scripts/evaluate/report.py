@@ -16,6 +16,8 @@ def _pct(x: float | None) -> str:
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation of {report['checkpoint']} (step {report['step']})", ""]
     used = [k for k in ("cmmlu", "c3", "fewclue") if k in report["results"]]
+    if "multitask" in report["results"]:
+        used += [k for k in ("c3", "fewclue") if k not in used]
     if used:
         lines += ["Licences of the sets used: " + "; ".join(LICENCES[k] for k in used) + ".", ""]
     res = report["results"]
@@ -54,6 +56,13 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {task} | {r['examples']} | {_pct(r['accuracy'])} | "
                              f"{_pct(r['macro_f1'])} | {_pct(r['majority_accuracy'])} | "
                              f"{_pct(r['majority_macro_f1'])} |")
+        lines.append("")
+    if "multitask" in res:
+        lines += ["## Multitask prompt tasks (generated answers, seqio metric_fns)", "",
+                  "| task | metrics |", "|---|---|"]
+        for task, metrics in res["multitask"].items():
+            lines.append(f"| {task} | " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                   if isinstance(v, (int, float))) + " |")
         lines.append("")
     if "reward_model" in res:
         r = res["reward_model"]

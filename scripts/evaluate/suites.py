@@ -142,6 +142,27 @@ def fewclue(scorer: Scorer, vocab: Any, task: str, examples: Sequence[eval_sets.
             "majority_macro_f1": macro_f1(gold, [majority] * len(gold))}
 
 
+def multitask(model: Any, params: Any, vocab_path: str, *, gin_file: str,
+              tasks: Sequence[str] | None, max_examples: int | None, batch_size: int,
+              max_decode_length: int) -> dict:
+    """A model fine-tuned on the multitask prompt tasks (tasks/multitask.gin), scored as in
+    training: greedy answers -> the task's postprocessor -> its seqio metric_fns (accuracy,
+    macro-F1, invalid rate) on the validation split. Needs TensorFlow/seqio (a CPU/TPU host)."""
+    from zhchat.tasks import lm, seqio_eval
+
+    gin.clear_config()
+    names = lm.parse_gin([gin_file], [f"VOCAB_PATH = '{vocab_path}'"])
+    gin.clear_config()
+    out = {}
+    for name in names:
+        if tasks and name not in tasks or name.startswith("zh_multitask"):
+            continue
+        out[name] = seqio_eval.evaluate_task(name, model=model, params=params, split="validation",
+                                             max_examples=max_examples, batch_size=batch_size,
+                                             max_decode_length=max_decode_length)
+    return out
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Suites:
@@ -159,10 +180,14 @@ class Suites:
     fewclue_tasks: Sequence[str] = eval_sets.FEWCLUE_TASKS
     fewclue_split: str = "dev"
     fewclue_max_examples: int | None = None           # per task (iflytek has 119 labels)
+    multitask_gin: str | None = None                  # e.g. 'tasks/multitask.gin' (fine-tuned)
+    multitask_tasks: Sequence[str] | None = None      # None: every prompt task it registers
+    multitask_max_examples: int | None = 200
+    multitask_max_decode_length: int = 16
 
 
 def run(suites: Suites, scorer: Scorer, vocab: Any, counter: sources.SkipCounter,
-        resolve=lambda p: p) -> dict:
+        resolve=lambda p: p, vocab_path: str | None = None) -> dict:
     """Runs the configured suites; {suite: result, "seconds": {suite: wall time}}."""
     import time
 
@@ -199,5 +224,11 @@ def run(suites: Suites, scorer: Scorer, vocab: Any, counter: sources.SkipCounter
             report["fewclue"][task] = fewclue(scorer, vocab, task,
                                               examples[:suites.fewclue_max_examples], train_gold)
         lap("fewclue")
+    if suites.multitask_gin:
+        report["multitask"] = multitask(
+            scorer.model, scorer.params, vocab_path or vocab.path, gin_file=suites.multitask_gin,
+            tasks=suites.multitask_tasks, max_examples=suites.multitask_max_examples,
+            batch_size=scorer.batch_size, max_decode_length=suites.multitask_max_decode_length)
+        lap("multitask")
     report["seconds"] = seconds
     return report

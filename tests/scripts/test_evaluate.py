@@ -246,3 +246,15 @@ def test_reward_accuracy_and_policy_against_itself(spm_models, tmp_path):
     counter = sources.SkipCounter()
     assert rl_suites.read_prompts(str(path), counter) == ["你好", "介绍一下北京"]
     assert counter.as_dict() == {"samples_blank_line": 1, "samples_malformed_line": 1}
+
+
+def test_multitask_suite_scores_a_prompt_task_with_its_seqio_metrics(spm_models, shared_data_dir):
+    """The fine-tuned path: generated answers -> the task's postprocessor -> its metric_fns."""
+    model = _model("models/decoder_tiny.gin")
+    params = model.init_params(jax.random.key(0), {"decoder_input_tokens": (1, 8)})
+    out = suites.multitask(model, params, spm_models["bpe"], gin_file="tasks/multitask.gin",
+                           tasks=["zh_prompt_eprstmt"], max_examples=4, batch_size=4,
+                           max_decode_length=4)
+    assert list(out) == ["zh_prompt_eprstmt"]
+    metrics = out["zh_prompt_eprstmt"]
+    assert 0.0 <= metrics["accuracy"] <= 100.0 and "invalid_rate" in metrics, metrics
