@@ -57,13 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     rl.add_argument("--max_decode_length", type=int, default=64)
     rl.add_argument("--samples_file", help="prompts (a line each, or jsonl {\"prompt\"}): chat "
                     "replies in the report")
-    p.epilog = ("Suites: --suite_gin=evals/cmmlu.gin (repeatable; default runs/eval.gin: every "
+    p.epilog = ("Suites: --gin_file=evals/cmmlu.gin or --suite_gin=... (repeatable; default "
+                "runs/eval.gin: every "
                 "suite), settings --gin.Suites.cmmlu_shots=[0] (scripts/evaluate/suites.py). Model: --gin_file and "
                 "--gin.X=Y as for training when RUN_DIR has no config.gin.")
     raw = list(sys.argv[1:] if argv is None else argv)
     suite_files = [a.split("=", 1)[1] for a in raw if a.startswith("--suite_gin=")]
     raw = [a for a in raw if not a.startswith("--suite_gin=")]
     gin_files, bindings, rest = gin_cli.split_gin_args(raw)
+    # suite files may come as --gin_file too (evals/*.gin, runs/eval.gin); the rest configure the model
+    suite_files += [f for f in gin_files if _is_suite_file(f)]
+    gin_files = [f for f in gin_files if not _is_suite_file(f)]
     args = p.parse_args(rest)
     if not (args.run_dir or args.checkpoint_dir):
         p.error("give --run_dir (or --checkpoint_dir with --gin_file)")
@@ -121,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skipped records:\n{counter.report()}", file=sys.stderr)
     print(report_lib.markdown(report))
     return 0
+
+
+def _is_suite_file(path: str) -> bool:
+    norm = path.replace(os.sep, "/")
+    return "evals/" in norm or norm.endswith("runs/eval.gin")
 
 
 def _rl_suites(args, model, params, vocab, counter) -> dict:

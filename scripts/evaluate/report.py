@@ -32,6 +32,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if "cmmlu" in res:
         lines += ["## CMMLU (letter log-likelihood after 答案是：; chance 25%)", "",
+                  "As the CMMLU repository's harness (the next-token choice of A-D); "
+                  "lm-evaluation-harness scores ` A` with a space and names the subject.", "",
                   "| shots | questions | accuracy |", "|---:|---:|---:|"]
         for r in res["cmmlu"].values():
             lines.append(f"| {r['shots']} | {r['questions']} | {_pct(r['accuracy'])} |")
@@ -112,6 +114,23 @@ def plots(report: dict[str, Any], out: str) -> list[str]:
         ax.legend()
         fig.tight_layout()
         path = os.path.join(out, "cmmlu.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    if "fewclue" in res:
+        tasks = [t for t, r in res["fewclue"].items() if r.get("examples")]
+        fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(tasks)), 3.5))
+        xs = range(len(tasks))
+        ax.bar([x - 0.2 for x in xs], [res["fewclue"][t]["accuracy"] for t in tasks], 0.4,
+               label="zero-shot")
+        ax.bar([x + 0.2 for x in xs], [res["fewclue"][t]["majority_accuracy"] for t in tasks], 0.4,
+               label="majority class")
+        ax.set_xticks(list(xs), tasks)
+        ax.set_ylabel("accuracy")
+        ax.set_title("FewCLUE")
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out, "fewclue.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)

@@ -183,7 +183,8 @@ def test_cli_writes_report_for_every_suite(tiny_run, spm_models, tmp_path, capsy
     (tmp_path / "prompts.txt").write_text("请介绍一下北京。\n", encoding="utf-8")
     out = tmp_path / "report"
     rc = cli.main([f"--run_dir={tiny_run}", f"--vocab={spm_models['unigram']}", f"--out={out}",
-                   "--no_progress", "--batch_size=4", "--max_decode_length=4",
+                   "--gin_file=runs/eval.gin", "--no_progress", "--batch_size=4",
+                   "--max_decode_length=4",
                    f"--samples_file={tmp_path / 'prompts.txt'}",
                    f"--gin.Suites.fewclue_dir='{tmp_path / 'fewclue'}'",
                    "--gin.Suites.fewclue_tasks=['bustm']",
@@ -203,7 +204,8 @@ def test_cli_writes_report_for_every_suite(tiny_run, spm_models, tmp_path, capsy
     assert report["skipped"] == {"cmmlu_bad_answer": 2, "fewclue_bustm_bad_json": 2,
                                  "fewclue_bustm_malformed": 2}
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert "CC BY-NC-SA" in md and "non-commercial research" in md and "FewCLUE" in md and (out / "cmmlu.png").exists()
+    assert "CC BY-NC-SA" in md and "non-commercial research" in md and "FewCLUE" in md
+    assert (out / "cmmlu.png").exists() and (out / "fewclue.png").exists()
 
 
 def test_cli_checks_data_paths_before_loading(tiny_run, spm_models, tmp_path, capsys):
