@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import gin
@@ -30,6 +31,15 @@ def _gather_json(obj: Any) -> list[Any]:
     padded[:raw.size] = raw
     rows = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
     return [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, lengths)]
+
+
+def params_finite(tree: Any) -> bool:
+    """True when every floating-point array of `tree` is finite (no NaN or inf)."""
+    import jax.numpy as jnp
+
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")
+              and jnp.issubdtype(x.dtype, jnp.floating)]
+    return all(bool(jax.device_get(jnp.all(jnp.isfinite(x)))) for x in leaves)
 
 
 @gin.configurable
@@ -58,24 +68,66 @@ class Checkpointer:
             return False
         if step in self.manager.all_steps():
             return False
+        if not params_finite(getattr(state, "params", state)):
+            last = self.manager.latest_step()
+            raise FloatingPointError(
+                f"training diverged: the parameters at step {step} are not finite, so no "
+                f"checkpoint was written (the last one is {self.directory}/{last}); lower the "
+                "learning rate or restart from it")
         payload = {"per_process": _gather_json(data_state)}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(payload)), force=True)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, int]:
         """Restores (state, this process's iterator state, step) onto the shardings in
-        `abstract_state` (a tree of `jax.ShapeDtypeStruct` with `sharding` set)."""
-        step = self.manager.latest_step() if step is None else step
-        if step is None:
+        `abstract_state` (a tree of `jax.ShapeDtypeStruct` with `sharding` set).
+
+        Without `step`, the newest usable checkpoint: one that fails to restore (a missing or
+        truncated array file, missing metadata, an unreadable data position, an empty step folder)
+        is reported, moved aside to `<step>.corrupt` and the previous one is tried."""
+        if step is not None:
+            return self._restore_step(abstract_state, step)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        for s in steps:
+            try:
+                return self._restore_step(abstract_state, s)
+            except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
+                reason = " ".join(str(e).split())[:300] or type(e).__name__
+                aside = self._move_aside(s)
+                print(f"warning: checkpoint {self.directory}/{s} is damaged ({type(e).__name__}: "
+                      f"{reason}); moved to {aside}", file=sys.stderr, flush=True)
+        raise FileNotFoundError(f"no usable checkpoint in {self.directory}: every step "
+                                f"({', '.join(map(str, steps))}) was damaged and moved aside "
+                                "to <step>.corrupt")
+
+    def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, Any, int]:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        per_process = (restored["data"] or {}).get("per_process") or [None]
+        data = restored["data"]
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"data position of step {step} is not a JSON object")
+        per_process = (data or {}).get("per_process") or [None]
         if len(per_process) != jax.process_count():
             raise ValueError(
                 f"checkpoint {self.directory}/{step} holds data-iterator states of "
                 f"{len(per_process)} processes, this run has {jax.process_count()}")
         return restored["state"], per_process[jax.process_index()], step
+
+    def _move_aside(self, step: int) -> str:
+        """Renames the step folder to `<step>.corrupt` (process 0) and reloads the step list."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt"
+        if jax.process_index() == 0 and os.path.exists(src):
+            n = 1
+            while os.path.exists(dst):
+                dst, n = f"{src}.corrupt{n}", n + 1
+            os.rename(src, dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+        self.manager.reload()
+        return dst
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""

@@ -8,9 +8,11 @@ A bad file or binding becomes a `GinConfigError` carrying one concise message.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
+import re
 from typing import Any, Sequence
 
 import gin
@@ -149,8 +151,13 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     resolved = [resolve_gin_file(f) for f in files]
     try:
         skip = [c for m in _UNAVAILABLE for c in OPTIONAL_MODULES[m]]
-        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False,
+        gin.parse_config_files_and_bindings(resolved, [], finalize_config=False,
                                             skip_unknown=skip or False)
+        _check_macros(bindings)
+        gin.parse_config_files_and_bindings([], list(bindings), finalize_config=False,
+                                            skip_unknown=skip or False)
+    except GinConfigError:
+        raise
     except (ValueError, OSError, SyntaxError, TypeError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         where = next((ln for ln in lines[1:] if ln.startswith("In ")), "")
@@ -160,6 +167,45 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
         absent = "; ".join(f"{m} needs {d}, not installed" for m, d in _UNAVAILABLE.items())
         raise GinConfigError(f"gin config error: {msg}" + (f" ({detail})" if detail else "")
                              + (f" [not importable here: {absent}]" if absent else "")) from e
+
+
+_MACRO_BINDING = re.compile(r"^\s*([A-Za-z_]\w*)\s*=")
+
+
+def _known_macros() -> set[str]:
+    """Macros the parsed files define or use (`%NAME`)."""
+    known = {scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, gin.config.ConfigurableReference):
+            text = repr(value)
+            if text.startswith("%"):
+                known.add(text[1:])
+        elif isinstance(value, (list, tuple, set)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+
+    for params in gin.config._CONFIG.values():
+        walk(list(params.values()))
+    return known
+
+
+def _check_macros(bindings: Sequence[str]) -> None:
+    """A binding of a macro that no parsed file (or other binding) defines or uses is a typo (`--gin.VOCAB_SIZ=...`
+    would otherwise be accepted and do nothing)."""
+    known = _known_macros() | {n for b in bindings for n in re.findall(r"%([A-Za-z_]\w*)", b)}
+    unknown = []
+    for binding in bindings:
+        m = _MACRO_BINDING.match(binding)
+        if m and m.group(1) not in known:
+            close = difflib.get_close_matches(m.group(1), sorted(known), n=2)
+            unknown.append(m.group(1) + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    if unknown:
+        raise GinConfigError(f"gin config error: unknown macro {', '.join(unknown)}: no gin file "
+                             "given defines or uses it")
 
 
 def evaluate_macro(name: str) -> Any:

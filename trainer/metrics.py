@@ -35,6 +35,26 @@ def mean_metrics(window: list[Mapping[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([np.asarray(m[k], np.float64) for m in host])) for k in keys}
 
 
+def _truncate_after(path: str, step: int) -> None:
+    """Drops the records of `path` past `step` (a restart resumes from step's checkpoint and logs
+    the later steps again); unreadable lines are kept as they are."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line).get("step", 0)) > step:
+                continue
+        except (ValueError, AttributeError, TypeError):
+            pass
+        kept.append(line)
+    if len(kept) != len(lines):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+
+
 class MetricsWriter:
     """Writes scalars to TensorBoard (tensorboardX) and `metrics.jsonl`; drives the progress bar."""
 
@@ -47,7 +67,9 @@ class MetricsWriter:
             os.makedirs(run_dir, exist_ok=True)
             from tensorboardX import SummaryWriter  # imported lazily: heavy, host 0 only
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(run_dir, "metrics.jsonl")
+            _truncate_after(path, initial_step)  # a resumed run replays the steps after it
+            self._jsonl = open(path, "a", encoding="utf-8")
         self._bar = (tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
                                desc="train") if self.enabled and progress_bar else None)
 

@@ -232,8 +232,10 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
     with partitioner.activate():
         if checkpointer is not None and checkpointer.latest_step() is not None:
             abstract = jax.eval_shape(init_fn, init_rng)
-            state, data_state, _ = checkpointer.restore(
+            state, data_state, restored = checkpointer.restore(
                 ckpt_lib.abstract_with_shardings(abstract, state_sh))
+            print(f"restored step {restored} from {checkpointer.directory}/{restored}",
+                  file=sys.stderr, flush=True)
             if data_state is not None and hasattr(data_it, "set_state"):
                 data_it.set_state(data_state)
             else:
@@ -261,7 +263,12 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                                   local_batch=local_batch, seed=seed, steps=eval_steps)
         history, eval_history, window = [], [], []
         data_state, t_start, timed_steps, ran = None, None, 0, False
+        preempted = _Preemption()
         for step in range(start, num_steps):
+            if preempted.requested:
+                print(f"SIGTERM: stopping at step {step} with a final checkpoint", file=sys.stderr,
+                      flush=True)
+                break
             try:
                 batch, next_data_state = next(batches)
             except StopIteration:
@@ -308,9 +315,34 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                 checkpointer.save(int(jax.device_get(state.step)), state, data_state, force=True)
             checkpointer.close()
         writer.close()
+        preempted.restore()
     final_loss = history[-1]["loss"] if history else float("nan")
     return {"step": int(jax.device_get(state.step)), "loss": final_loss, "history": history,
             "eval_history": eval_history, "num_params": num_params, "state": state}
+
+
+class _Preemption:
+    """SIGTERM (what TPU, Kubernetes and SLURM send before preempting) sets `requested`; the loop
+    then stops after the current step and the final synchronous checkpoint is written."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _chain_first(first: Mapping[str, np.ndarray], rest: Iterator) -> Iterator:
