@@ -106,18 +106,19 @@ _JIT_CACHE: dict[Any, Any] = {}
 
 
 def jitted_steps(loss_fn: Callable, microbatches: int, state_sh: Any,
-                 partitioner: partitioning.Partitioner) -> tuple[Callable, Callable]:
+                 partitioner: partitioning.Partitioner, skip_nonfinite: bool = True
+                 ) -> tuple[Callable, Callable]:
     """(train step, eval step) jitted with explicit shardings and a donated state. Cached on
     (loss_fn, microbatches, shardings, optimizer) so repeated `train` calls in one process (tests,
     SFT/RL stages) reuse the compiled executables."""
     leaves, treedef = jax.tree.flatten(state_sh)
-    key = (loss_fn, microbatches, treedef, tuple(leaves), partitioner.rules)
+    key = (loss_fn, microbatches, treedef, tuple(leaves), partitioner.rules, skip_nonfinite)
     if key not in _JIT_CACHE:
         batch_sh, rep = partitioner.batch_sharding, partitioner.replicated
         constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=batch_sh)
         step = jax.jit(
             functools.partial(_train_step, loss_fn=loss_fn, microbatches=microbatches,
-                              constrain=constrain),
+                              constrain=constrain, skip_nonfinite=skip_nonfinite),
             in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
             donate_argnums=(0,))
         evaluate = jax.jit(functools.partial(ts.eval_step, loss_fn=loss_fn),
@@ -138,9 +139,9 @@ def jitted_init(init_fn: Callable, state_sh: Any, key: Any) -> Callable:
     return _JIT_CACHE[full_key]
 
 
-def _train_step(state, batch, rng, *, loss_fn, microbatches, constrain):
+def _train_step(state, batch, rng, *, loss_fn, microbatches, constrain, skip_nonfinite):
     return ts.train_step(state, batch, loss_fn=loss_fn, rng=rng, microbatches=microbatches,
-                         constrain=constrain)
+                         constrain=constrain, skip_nonfinite=skip_nonfinite)
 
 
 def describe(model: Any, partitioner: partitioning.Partitioner, boxed: Any, seq_len: int) -> str:
@@ -164,13 +165,18 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
           run_dir: str | None = None, init_checkpoint_dir: str | None = None,
           eval_hooks: Sequence[Callable[[int, Any], Mapping[str, float]]] = (), seed: int = 0,
           peak_flops_per_device: float = metrics_lib.H100_BF16_PEAK_FLOPS,
-          progress_bar: bool = True, dry_run: bool = False) -> dict[str, Any]:
+          progress_bar: bool = True, dry_run: bool = False, skip_nonfinite: bool = True,
+          max_skipped_steps: int | None = 50) -> dict[str, Any]:
     """Trains `model` for `num_steps` (global batch `batch_size` split into `microbatches`).
 
     Resumes from the latest checkpoint under `run_dir/checkpoints` when there is one (same step,
     data position and RNG). Otherwise, with `init_checkpoint_dir` (another run's checkpoints, e.g.
     pretraining before SFT), starts from that run's parameters with a fresh optimizer and step 0.
     The parsed gin config is written to `run_dir/config.gin` (what infer/chat rebuild models from).
+    `skip_nonfinite`: a step with a NaN/inf loss or gradient changes nothing (counted, reported);
+    after `max_skipped_steps` such steps the run stops with FloatingPointError (diverged). A
+    checkpoint is never written from non-finite parameters; SIGTERM stops after the current step
+    with a final checkpoint.
     Returns {"step", "loss" (last logged), "history" (one dict per log),
     "eval_history", "num_params", "state" (the final TrainState)};
     with `dry_run` only prints the model/mesh report and returns {"num_params", "report"}.
@@ -253,7 +259,8 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                       "fresh optimizer state", file=sys.stderr, flush=True)
         start = int(jax.device_get(state.step))
 
-        step_fn, eval_fn = jitted_steps(model.loss_fn, microbatches, state_sh, partitioner)
+        step_fn, eval_fn = jitted_steps(model.loss_fn, microbatches, state_sh, partitioner,
+                                        skip_nonfinite)
 
         writer = metrics_lib.MetricsWriter(run_dir, total_steps=num_steps, initial_step=start,
                                            progress_bar=progress_bar)
@@ -263,7 +270,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                                   local_batch=local_batch, seed=seed, steps=eval_steps)
         history, eval_history, window = [], [], []
         data_state, t_start, timed_steps, ran = None, None, 0, False
-        preempted = _Preemption()
+        preempted, skipped_total = _Preemption(), 0
         for step in range(start, num_steps):
             if preempted.requested:
                 print(f"SIGTERM: stopping at step {step} with a final checkpoint", file=sys.stderr,
@@ -287,6 +294,19 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                 timed_steps += 1
             if done % log_every == 0 or done == num_steps:
                 scalars = metrics_lib.mean_metrics(window)
+                skipped = round(scalars.get("skipped", 0.0) * len(window))
+                if skipped:
+                    skipped_total += skipped
+                    print(f"warning: {skipped} step(s) up to step {done} had a non-finite loss "
+                          f"or gradient and were skipped ({skipped_total} in all)",
+                          file=sys.stderr, flush=True)
+                    if max_skipped_steps is not None and skipped_total >= max_skipped_steps:
+                        last = checkpointer.latest_step() if checkpointer is not None else None
+                        raise FloatingPointError(
+                            f"training diverged: {skipped_total} steps up to step {done} had a "
+                            f"non-finite loss or gradient (max_skipped_steps="
+                            f"{max_skipped_steps}); the last checkpoint is step {last}: lower the "
+                            "learning rate or restart from it")
                 if timed_steps:
                     scalars.update(metrics_lib.throughput(
                         tokens=timed_steps * batch_size * tokens_per_example,
@@ -318,7 +338,8 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
         preempted.restore()
     final_loss = history[-1]["loss"] if history else float("nan")
     return {"step": int(jax.device_get(state.step)), "loss": final_loss, "history": history,
-            "eval_history": eval_history, "num_params": num_params, "state": state}
+            "eval_history": eval_history, "num_params": num_params, "state": state,
+            "skipped_steps": skipped_total}
 
 
 class _Preemption:

@@ -90,14 +90,26 @@ def grads_and_metrics(loss_fn: Callable, params: Any, batch: Mapping[str, jnp.nd
 
 def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *, loss_fn: Callable,
                rng: jax.Array, microbatches: int = 1,
-               constrain: Callable[[Any], Any] = lambda x: x) -> tuple[TrainState, Metrics]:
-    """One optimizer step; metrics gain `grad_norm` (pre-clipping) and `param_norm`."""
+               constrain: Callable[[Any], Any] = lambda x: x, skip_nonfinite: bool = True
+               ) -> tuple[TrainState, Metrics]:
+    """One optimizer step; metrics gain `grad_norm` (pre-clipping) and `param_norm`.
+
+    With `skip_nonfinite`, a step whose loss or gradient norm is NaN/inf leaves the params and
+    optimizer state as they were (the step counter and the data still advance past the batch) and
+    reports `skipped` = 1, so one bad batch cannot poison the run."""
     step_rng = jax.random.fold_in(rng, state.step)
     grads, metrics = grads_and_metrics(loss_fn, state.params, batch, step_rng, microbatches,
                                        constrain)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.apply_gradients(grads)
+    if skip_nonfinite:
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (new_state.params, new_state.opt_state),
+                                         (state.params, state.opt_state))
+        new_state = new_state.replace(params=params, opt_state=opt_state)
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     metrics["param_norm"] = optax.tree.norm(new_state.params)
     return new_state, metrics
 

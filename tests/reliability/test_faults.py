@@ -13,6 +13,7 @@ import os
 import signal
 
 import gin
+import numpy as np
 import pytest
 
 from zhchat.trainer import gin_cli, optimizers, partitioning, synthetic_data, train
@@ -139,10 +140,33 @@ class _Wrapped:
         self.it.set_state(state)
 
 
-def test_divergence_never_writes_a_non_finite_checkpoint(tmp_path):
+def test_a_nan_batch_is_skipped_and_training_goes_on(tmp_path, capfd):
+    base = functools.partial(synthetic_data.make_synthetic_iterator, seq_len=16, vocab_size=VOCAB)
+
+    def with_nan(**kw):  # batch 3 carries NaN loss weights: its loss and gradients are NaN
+        it = base(**kw)
+
+        def nxt():
+            batch = next(it)
+            if it.index == 3:
+                batch = dict(batch, decoder_loss_weights=np.full_like(
+                    batch["decoder_loss_weights"], np.nan, dtype=np.float32))
+            return batch
+        return _Wrapped(it, nxt)
+
+    out = _run(tmp_path, 6, data=with_nan)
+    skipped = {h["step"]: h["skipped"] for h in out["history"]}
+    assert skipped == {1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0, 5: 0.0, 6: 0.0}
+    assert out["skipped_steps"] == 1 and np.isfinite(out["loss"])
+    from zhchat.trainer import checkpoints
+    assert checkpoints.params_finite(out["state"].params)
+    assert "1 step(s) up to step 3 had a non-finite loss" in capfd.readouterr().err
+
+
+def test_divergence_stops_the_run_and_never_writes_a_non_finite_checkpoint(tmp_path):
     wild = optimizers.make_optimizer(learning_rate=1e6, clip_norm=None)
     with pytest.raises(FloatingPointError, match="training diverged"):
-        _run(tmp_path, 40, tx=wild)
+        _run(tmp_path, 40, tx=wild, max_skipped_steps=5)
     from zhchat.trainer import checkpoints
     for step in _steps(tmp_path):
         params, _ = checkpoints.restore_params(str(tmp_path / "checkpoints"), _model(),
