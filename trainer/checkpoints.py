@@ -33,6 +33,10 @@ def _gather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, lengths)]
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written: the run stops rather than train on unsaved."""
+
+
 def params_finite(tree: Any) -> bool:
     """True when every floating-point array of `tree` is finite (no NaN or inf)."""
     import jax.numpy as jnp
@@ -50,6 +54,10 @@ class Checkpointer:
                  async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self.save_every = save_every
+        if jax.process_index() == 0:
+            os.makedirs(self.directory, exist_ok=True)
+            if not os.access(self.directory, os.W_OK):
+                raise PermissionError(f"checkpoint folder {self.directory} is not writable")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
             create=True)
@@ -75,8 +83,13 @@ class Checkpointer:
                 f"checkpoint was written (the last one is {self.directory}/{last}); lower the "
                 "learning rate or restart from it")
         payload = {"per_process": _gather_json(data_state)}
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(payload)), force=True)
+        try:
+            self.manager.check_for_errors()  # an earlier asynchronous save that failed
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(payload)), force=True)
+        except Exception as e:  # noqa: BLE001  (full disk, read-only folder, lost mount)
+            raise CheckpointWriteError(f"saving checkpoint step {step} to {self.directory} "
+                                       f"failed: {type(e).__name__}: {e}") from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, int]:
         """Restores (state, this process's iterator state, step) onto the shardings in
@@ -130,11 +143,16 @@ class Checkpointer:
         return dst
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are committed."""
-        self.manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are committed (raising if one failed)."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointWriteError(f"a checkpoint save to {self.directory} failed: "
+                                       f"{type(e).__name__}: {e}") from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

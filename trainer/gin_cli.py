@@ -194,8 +194,8 @@ def _known_macros() -> set[str]:
 
 
 def _check_macros(bindings: Sequence[str]) -> None:
-    """A binding of a macro that no parsed file (or other binding) defines or uses is a typo (`--gin.VOCAB_SIZ=...`
-    would otherwise be accepted and do nothing)."""
+    """A binding of a macro that no parsed file (or other binding) defines or uses is a typo
+    (`--gin.VOCAB_SIZ=...` would otherwise be accepted and do nothing)."""
     known = _known_macros() | {n for b in bindings for n in re.findall(r"%([A-Za-z_]\w*)", b)}
     unknown = []
     for binding in bindings:

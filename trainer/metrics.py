@@ -35,6 +35,10 @@ def mean_metrics(window: list[Mapping[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([np.asarray(m[k], np.float64) for m in host])) for k in keys}
 
 
+class MetricsWriteError(RuntimeError):
+    """metrics.jsonl or the TensorBoard events could not be written."""
+
+
 def _truncate_after(path: str, step: int) -> None:
     """Drops the records of `path` past `step` (a restart resumes from step's checkpoint and logs
     the later steps again); unreadable lines are kept as they are."""
@@ -77,16 +81,30 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
+        try:
+            if self._jsonl is not None:
+                self._jsonl.write(json.dumps(record) + "\n")
+                self._jsonl.flush()
+        except OSError as e:  # e.g. ENOSPC: stop now rather than train without a record
+            raise MetricsWriteError(f"cannot write {self.run_dir}/metrics.jsonl at step {step}: "
+                                    f"{e}") from e
         if self._tb is not None:
+            self._check_tensorboard(step)
             for k, v in record.items():
                 if k != "step":
                     self._tb.add_scalar(k, v, int(step))
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
         if self._bar is not None and prefix == "train":
             shown = {k: scalars[k] for k in ("loss", "mfu") if k in scalars}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+
+    def _check_tensorboard(self, step: int) -> None:
+        """tensorboardX writes from a thread through a bounded queue: once that thread has died
+        (a full disk), the next writes would block forever, so fail instead."""
+        writer = getattr(getattr(self._tb, "file_writer", None), "event_writer", None)
+        worker = getattr(writer, "_worker", None)
+        if worker is not None and not worker.is_alive():
+            raise MetricsWriteError(f"the TensorBoard writer of {self.run_dir} stopped (disk "
+                                    f"full or folder gone?) before step {step}")
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:

@@ -271,75 +271,92 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
         history, eval_history, window = [], [], []
         data_state, t_start, timed_steps, ran = None, None, 0, False
         preempted, skipped_total = _Preemption(), 0
-        for step in range(start, num_steps):
-            if preempted.requested:
-                print(f"SIGTERM: stopping at step {step} with a final checkpoint", file=sys.stderr,
-                      flush=True)
-                break
-            try:
-                batch, next_data_state = next(batches)
-            except StopIteration:
-                print(f"train data ran out after step {step} (of num_steps={num_steps}); "
-                      "stopping", file=sys.stderr, flush=True)
-                break
-            data_state, ran = next_data_state, True
-            state, step_metrics = step_fn(state, batch, step_rng)
-            batches.prefetch()  # overlaps the host's next read with this step on the device
-            window.append(step_metrics)
-            done = step + 1
-            if t_start is None:  # the first step compiles: time throughput from its end
-                jax.block_until_ready(state.step)
-                t_start, timed_steps = time.perf_counter(), 0
-            else:
-                timed_steps += 1
-            if done % log_every == 0 or done == num_steps:
-                scalars = metrics_lib.mean_metrics(window)
-                skipped = round(scalars.get("skipped", 0.0) * len(window))
-                if skipped:
-                    skipped_total += skipped
-                    print(f"warning: {skipped} step(s) up to step {done} had a non-finite loss "
-                          f"or gradient and were skipped ({skipped_total} in all)",
+        try:
+            for step in range(start, num_steps):
+                if preempted.requested:
+                    print(f"SIGTERM: stopping at step {step} with a final checkpoint",
                           file=sys.stderr, flush=True)
-                    if max_skipped_steps is not None and skipped_total >= max_skipped_steps:
-                        last = checkpointer.latest_step() if checkpointer is not None else None
-                        raise FloatingPointError(
-                            f"training diverged: {skipped_total} steps up to step {done} had a "
-                            f"non-finite loss or gradient (max_skipped_steps="
-                            f"{max_skipped_steps}); the last checkpoint is step {last}: lower the "
-                            "learning rate or restart from it")
-                if timed_steps:
-                    scalars.update(metrics_lib.throughput(
-                        tokens=timed_steps * batch_size * tokens_per_example,
-                        seconds=time.perf_counter() - t_start,
-                        flops_per_token=flops_per_token, num_devices=jax.device_count(),
-                        peak_flops_per_device=peak_flops_per_device))
-                if schedule is not None:
-                    scalars["learning_rate"] = float(schedule(done))
-                writer.write(done, scalars)
-                history.append({"step": done, **scalars})
-                window, t_start, timed_steps = [], time.perf_counter(), 0
-            paused = time.perf_counter()  # eval and checkpoint time is not training throughput
-            if eval_every and done % eval_every == 0 and (eval_runner.enabled or eval_hooks):
-                results = eval_runner(state.params) if eval_runner.enabled else {}
-                for hook in eval_hooks:  # e.g. seqio metric evaluation (generate -> metric_fns)
-                    results.update(hook(done, state.params))
-                writer.write(done, results, prefix="eval")
-                eval_history.append({"step": done, **results})
+                    break
+                try:
+                    batch, next_data_state = next(batches)
+                except StopIteration:
+                    print(f"train data ran out after step {step} (of num_steps={num_steps}); "
+                          "stopping", file=sys.stderr, flush=True)
+                    break
+                data_state, ran = next_data_state, True
+                state, step_metrics = step_fn(state, batch, step_rng)
+                batches.prefetch()  # overlaps the host's next read with this step on the device
+                window.append(step_metrics)
+                done = step + 1
+                if t_start is None:  # the first step compiles: time throughput from its end
+                    jax.block_until_ready(state.step)
+                    t_start, timed_steps = time.perf_counter(), 0
+                else:
+                    timed_steps += 1
+                if done % log_every == 0 or done == num_steps:
+                    scalars = metrics_lib.mean_metrics(window)
+                    skipped = round(scalars.get("skipped", 0.0) * len(window))
+                    if skipped:
+                        skipped_total += skipped
+                        print(f"warning: {skipped} step(s) up to step {done} had a non-finite loss "
+                              f"or gradient and were skipped ({skipped_total} in all)",
+                              file=sys.stderr, flush=True)
+                        if max_skipped_steps is not None and skipped_total >= max_skipped_steps:
+                            last = checkpointer.latest_step() if checkpointer is not None else None
+                            raise FloatingPointError(
+                                f"training diverged: {skipped_total} steps up to step {done} had a "
+                                f"non-finite loss or gradient (max_skipped_steps="
+                                f"{max_skipped_steps}); the last checkpoint is step {last}: "
+                                "lower the learning rate or restart from it")
+                    if timed_steps:
+                        scalars.update(metrics_lib.throughput(
+                            tokens=timed_steps * batch_size * tokens_per_example,
+                            seconds=time.perf_counter() - t_start,
+                            flops_per_token=flops_per_token, num_devices=jax.device_count(),
+                            peak_flops_per_device=peak_flops_per_device))
+                    if schedule is not None:
+                        scalars["learning_rate"] = float(schedule(done))
+                    writer.write(done, scalars)
+                    history.append({"step": done, **scalars})
+                    window, t_start, timed_steps = [], time.perf_counter(), 0
+                paused = time.perf_counter()  # eval and checkpoint time is not training throughput
+                if eval_every and done % eval_every == 0 and (eval_runner.enabled or eval_hooks):
+                    results = eval_runner(state.params) if eval_runner.enabled else {}
+                    for hook in eval_hooks:  # e.g. seqio metric evaluation (generate -> metric_fns)
+                        results.update(hook(done, state.params))
+                    writer.write(done, results, prefix="eval")
+                    eval_history.append({"step": done, **results})
+                if checkpointer is not None:
+                    checkpointer.save(done, state, data_state)
+                if t_start is not None:
+                    t_start += time.perf_counter() - paused
+                writer.advance()
             if checkpointer is not None:
-                checkpointer.save(done, state, data_state)
-            if t_start is not None:
-                t_start += time.perf_counter() - paused
-            writer.advance()
-        if checkpointer is not None:
-            if ran:
-                checkpointer.save(int(jax.device_get(state.step)), state, data_state, force=True)
-            checkpointer.close()
-        writer.close()
-        preempted.restore()
+                if ran:
+                    checkpointer.save(int(jax.device_get(state.step)), state, data_state,
+                                      force=True)
+                checkpointer.close()
+            writer.close()
+        except BaseException:
+            _close_quietly(writer, checkpointer)  # a failed write or Ctrl-C: no hang at exit
+            raise
+        finally:
+            preempted.restore()
     final_loss = history[-1]["loss"] if history else float("nan")
     return {"step": int(jax.device_get(state.step)), "loss": final_loss, "history": history,
             "eval_history": eval_history, "num_params": num_params, "state": state,
             "skipped_steps": skipped_total}
+
+
+def _close_quietly(writer: Any, checkpointer: Any) -> None:
+    """Releases the writer threads after an error without hiding that error."""
+    manager = getattr(checkpointer, "manager", None)
+    for close in (writer.close, manager.close if manager is not None else None):
+        if close:
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 class _Preemption:

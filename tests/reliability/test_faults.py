@@ -86,7 +86,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capfd, d
     assert [h["step"] for h in resumed["history"]] == [5, 6, 7, 8]
     assert os.path.isdir(tmp_path / "checkpoints" / "6.corrupt")
     # the replayed steps 5-6 are not in metrics.jsonl twice
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
     assert steps == sorted(set(steps)) == list(range(1, 9))
 
 
@@ -182,3 +183,61 @@ def test_misspelt_gin_macro_is_an_error():
     gin_cli.parse_gin(["models/decoder_tiny.gin"], ["A = 3", "DecoderConfig.num_layers = %A"])
     assert gin.query_parameter("DecoderConfig.num_layers") is not None
     gin.clear_config()
+
+
+def test_a_failed_checkpoint_write_stops_the_run(tmp_path, monkeypatch):
+    """A full disk at the second save (patched to raise ENOSPC) ends training at that step."""
+    import errno
+
+    from zhchat.trainer import checkpoints
+
+    real = checkpoints.ocp.CheckpointManager.save
+    calls = []
+
+    def failing(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", failing)
+    with pytest.raises(checkpoints.CheckpointWriteError, match="step 4 .*No space left"):
+        _run(tmp_path, 10)
+    assert _steps(tmp_path) == [2]
+
+
+def test_a_failed_metrics_write_stops_the_run(tmp_path, monkeypatch):
+    import errno
+
+    from zhchat.trainer import metrics
+
+    real = metrics.MetricsWriter.write
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    def write(self, step, scalars, prefix="train"):
+        if step == 3:
+            self._jsonl.close()
+            self._jsonl = FullDisk()
+        return real(self, step, scalars, prefix)
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", write)
+    with pytest.raises(metrics.MetricsWriteError, match="metrics.jsonl at step 3"):
+        _run(tmp_path, 10)
+
+
+def test_a_dead_tensorboard_writer_fails_instead_of_hanging(tmp_path):
+    from zhchat.trainer import metrics
+
+    writer = metrics.MetricsWriter(str(tmp_path), total_steps=3, progress_bar=False)
+    writer.write(1, {"loss": 1.0})
+    worker = writer._tb.file_writer.event_writer._worker
+    worker.stop()
+    worker.join(timeout=10)
+    with pytest.raises(metrics.MetricsWriteError, match="TensorBoard writer"):
+        writer.write(2, {"loss": 1.0})
