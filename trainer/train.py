@@ -166,7 +166,8 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
           eval_hooks: Sequence[Callable[[int, Any], Mapping[str, float]]] = (), seed: int = 0,
           peak_flops_per_device: float = metrics_lib.H100_BF16_PEAK_FLOPS,
           progress_bar: bool = True, dry_run: bool = False, skip_nonfinite: bool = True,
-          max_skipped_steps: int | None = 50) -> dict[str, Any]:
+          max_skipped_steps: int | None = 50, spike_factor: float | None = None,
+          max_rollbacks: int = 3) -> dict[str, Any]:
     """Trains `model` for `num_steps` (global batch `batch_size` split into `microbatches`).
 
     Resumes from the latest checkpoint under `run_dir/checkpoints` when there is one (same step,
@@ -176,7 +177,10 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
     `skip_nonfinite`: a step with a NaN/inf loss or gradient changes nothing (counted, reported);
     after `max_skipped_steps` such steps the run stops with FloatingPointError (diverged). A
     checkpoint is never written from non-finite parameters; SIGTERM stops after the current step
-    with a final checkpoint.
+    with a final checkpoint. `spike_factor` (PaLM's remedy): a logged loss above that multiple of
+    the running median restores the newest checkpoint's params and optimizer state, keeps the step
+    count and the data position (the batches since that checkpoint are skipped); after
+    `max_rollbacks` of them the run stops with FloatingPointError.
     Returns {"step", "loss" (last logged), "history" (one dict per log),
     "eval_history", "num_params", "state" (the final TrainState)};
     with `dry_run` only prints the model/mesh report and returns {"num_params", "report"}.
@@ -271,6 +275,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
         history, eval_history, window = [], [], []
         data_state, t_start, timed_steps, ran = None, None, 0, False
         preempted, skipped_total = _Preemption(), 0
+        spikes = _SpikeGuard(spike_factor, max_rollbacks)
         try:
             for step in range(start, num_steps):
                 if preempted.requested:
@@ -316,6 +321,10 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                             peak_flops_per_device=peak_flops_per_device))
                     if schedule is not None:
                         scalars["learning_rate"] = float(schedule(done))
+                    if spikes.is_spike(scalars.get("loss")) and checkpointer is not None:
+                        state = spikes.roll_back(state, checkpointer, done, scalars["loss"],
+                                                 ckpt_lib.abstract_with_shardings(
+                                                     jax.eval_shape(init_fn, init_rng), state_sh))
                     writer.write(done, scalars)
                     history.append({"step": done, **scalars})
                     window, t_start, timed_steps = [], time.perf_counter(), 0
@@ -346,6 +355,40 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
     return {"step": int(jax.device_get(state.step)), "loss": final_loss, "history": history,
             "eval_history": eval_history, "num_params": num_params, "state": state,
             "skipped_steps": skipped_total}
+
+
+class _SpikeGuard:
+    """Loss-spike detection on the logged losses (a running median of the last 20 windows)."""
+
+    def __init__(self, factor: float | None, max_rollbacks: int):
+        self.factor, self.max_rollbacks = factor, max_rollbacks
+        self.recent: list[float] = []
+        self.rollbacks = 0
+
+    def is_spike(self, loss: float | None) -> bool:
+        if self.factor is None or loss is None:
+            return False
+        median = float(np.median(self.recent)) if len(self.recent) >= 10 else None
+        spike = median is not None and (not np.isfinite(loss) or loss > self.factor * median)
+        if not spike:
+            self.recent = (self.recent + [loss])[-20:]
+        self.median = median
+        return spike
+
+    def roll_back(self, state: Any, checkpointer: Any, step: int, loss: float, abstract: Any
+                  ) -> Any:
+        self.rollbacks += 1
+        if self.rollbacks > self.max_rollbacks:
+            raise FloatingPointError(
+                f"training diverged: loss spike at step {step} ({loss:.4g} > {self.factor:g} x "
+                f"median {self.median:.4g}) after {self.max_rollbacks} rollbacks")
+        checkpointer.wait()
+        restored, _, from_step = checkpointer.restore(abstract)
+        print(f"warning: loss spike at step {step} ({loss:.4g} > {self.factor:g} x median "
+              f"{self.median:.4g}): rolled back to the params of step {from_step}, skipping the "
+              f"batches of steps {from_step + 1}-{step} (rollback {self.rollbacks} of "
+              f"{self.max_rollbacks})", file=sys.stderr, flush=True)
+        return restored.replace(step=state.step)
 
 
 def _close_quietly(writer: Any, checkpointer: Any) -> None:

@@ -241,3 +241,51 @@ def test_a_dead_tensorboard_writer_fails_instead_of_hanging(tmp_path):
     worker.join(timeout=10)
     with pytest.raises(metrics.MetricsWriteError, match="TensorBoard writer"):
         writer.write(2, {"loss": 1.0})
+
+
+class _Spiky:
+    """The tiny decoder whose loss is multiplied by the batch's `spike` feature (1 = normal)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def loss_fn(self, params, batch, rng):
+        scale = batch["spike"][0]
+        loss, metrics = self.model.loss_fn(params, {k: v for k, v in batch.items()
+                                                    if k != "spike"}, rng)
+        return loss * scale, dict(metrics, loss=metrics["loss"] * scale)
+
+
+def _spiking_data(at_index):
+    base = functools.partial(synthetic_data.make_synthetic_iterator, seq_len=16, vocab_size=VOCAB)
+
+    def make(**kw):
+        it = base(**kw)
+
+        def nxt():
+            batch = next(it)
+            scale = 100.0 if it.index == at_index else 1.0
+            return dict(batch, spike=np.full((batch["decoder_input_tokens"].shape[0],), scale,
+                                             np.float32))
+        return _Wrapped(it, nxt)
+    return make
+
+
+def test_a_loss_spike_rolls_back_to_the_last_checkpoint_and_skips_its_batches(tmp_path, capfd):
+    out = train.train(model=_Spiky(_model()), train_data=_spiking_data(15), optimizer=TX,
+                      num_steps=18, batch_size=8, log_every=1, checkpoint_every=2,
+                      keep_checkpoints=3, async_checkpointing=False, run_dir=str(tmp_path),
+                      progress_bar=False, partitioner=partitioning.Partitioner(), seed=3,
+                      spike_factor=3.0)
+    err = capfd.readouterr().err
+    assert "loss spike at step 15" in err and "rolled back to the params of step 14" in err
+    assert out["step"] == 18 and np.isfinite(out["loss"]) and out["loss"] < 10
+    with pytest.raises(FloatingPointError, match="loss spike at step 15 .* after 0 rollbacks"):
+        train.train(model=_Spiky(_model()), train_data=_spiking_data(15), optimizer=TX,
+                    num_steps=18, batch_size=8, log_every=1, checkpoint_every=2,
+                    async_checkpointing=False, run_dir=str(tmp_path / "b"), progress_bar=False,
+                    partitioner=partitioning.Partitioner(), seed=3, spike_factor=3.0,
+                    max_rollbacks=0)
