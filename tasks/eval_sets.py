@@ -13,7 +13,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from zhchat.tasks.sources import SkipCounter
 
@@ -70,35 +70,44 @@ def read_cmmlu(directory: str, counter: SkipCounter, subjects: Sequence[str] | N
     return out
 
 
+def iter_c3_questions(path: str, counter: SkipCounter) -> Iterator[tuple[str, str, dict]]:
+    """(where, passage, question record) of a C3 file: a JSON array of
+    [paragraphs, [{question, choice, answer}], id]; malformed documents/questions are counted."""
+    name = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            docs = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        counter.add("c3_unreadable_file", f"{path} ({e})")
+        return
+    for i, doc in enumerate(docs if isinstance(docs, list) else []):
+        try:
+            paragraphs, questions, doc_id = doc
+            passage = "\n".join(paragraphs)
+        except (TypeError, ValueError):
+            counter.add("c3_malformed_document", f"{name}[{i}]")
+            continue
+        for j, q in enumerate(questions):
+            if not isinstance(q, dict):
+                counter.add("c3_malformed_question", f"{name}:{doc_id}#{j}")
+                continue
+            yield f"{name}:{doc_id}#{j}", passage, q
+
+
 def read_c3(files: Sequence[str], counter: SkipCounter) -> list[MultipleChoice]:
-    """Questions of C3 files: a JSON array of [paragraphs, [{question, choice, answer}], id]."""
+    """Multiple-choice questions of C3 files (`iter_c3_questions`); the answer must be a choice."""
     out: list[MultipleChoice] = []
     for path in files:
-        name = os.path.splitext(os.path.basename(path))[0]
-        try:
-            with open(path, encoding="utf-8") as f:
-                docs = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            counter.add("c3_unreadable_file", f"{path} ({e})")
-            continue
-        for i, doc in enumerate(docs if isinstance(docs, list) else []):
-            where = f"{name}[{i}]"
+        group = os.path.splitext(os.path.basename(path))[0]
+        for where, passage, q in iter_c3_questions(path, counter):
             try:
-                paragraphs, questions, doc_id = doc
-                context = "\n".join(paragraphs)
-            except (TypeError, ValueError):
-                counter.add("c3_malformed_document", where)
+                choices = tuple(str(c) for c in q["choice"])
+                answer = choices.index(q["answer"])
+            except (KeyError, TypeError, ValueError):
+                counter.add("c3_malformed_question", where)
                 continue
-            for j, q in enumerate(questions):
-                try:
-                    choices = tuple(str(c) for c in q["choice"])
-                    answer = choices.index(q["answer"])
-                    question = str(q["question"])
-                except (KeyError, TypeError, ValueError):
-                    counter.add("c3_malformed_question", f"{where}.{j}")
-                    continue
-                out.append(MultipleChoice(id=f"{doc_id}.{j}", group=name, question=question,
-                                          choices=choices, answer=answer, context=context))
+            out.append(MultipleChoice(id=where, group=group, question=str(q.get("question", "")),
+                                      choices=choices, answer=answer, context=passage))
     return out
 
 

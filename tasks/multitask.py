@@ -22,7 +22,7 @@ import gin
 import seqio
 
 from zhchat.tasks import chat_template as ct
-from zhchat.tasks import lm, metrics, multitask_prompts, sft, sources
+from zhchat.tasks import eval_sets, lm, metrics, multitask_prompts, sft, sources
 
 FEWCLUE = ("tnews", "iflytek", "ocnli", "bustm", "csl", "eprstmt", "cluewsc")
 DATASETS = FEWCLUE + ("c3",)
@@ -45,22 +45,9 @@ def _fewclue_records(path: str, counter: sources.SkipCounter) -> Iterator[tuple[
 
 
 def _c3_records(path: str, counter: sources.SkipCounter) -> Iterator[tuple[str, dict]]:
-    name = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    for doc in data:
-        try:
-            paragraphs, questions, doc_id = doc
-            passage = "\n".join(paragraphs)
-        except (TypeError, ValueError):
-            counter.add("bad_c3_document", name)
-            continue
-        for q_index, q in enumerate(questions):
-            if not isinstance(q, dict):
-                counter.add("bad_c3_question", f"{name}:{doc_id}")
-                continue
-            yield f"{name}:{doc_id}#{q_index}", {"passage": passage, "question": q.get("question"),
-                                                 "choices": q.get("choice"), "answer": q.get("answer")}
+    for where, passage, q in eval_sets.iter_c3_questions(path, counter):
+        yield where, {"passage": passage, "question": q.get("question"),
+                      "choices": q.get("choice"), "answer": q.get("answer")}
 
 
 def record_files(dataset: str, split: str, data_dir: str) -> list[str]:
