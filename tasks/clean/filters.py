@@ -211,9 +211,11 @@ class PerplexityFilter(Filter):
 
 @gin.configurable
 def checkpoint_score_fn(*, model, params, encode: Callable[[str], Sequence[int]], seq_len: int = 512,
-                        bos_id: int = 1) -> ScoreFn:
+                        bos_id: int = 0) -> ScoreFn:
     """Adapts a decoder model wrapper (`models/base_model.BaseModel`) into a score_fn: each text is
-    cut into `seq_len` windows, scored with `score_batch` (summed target log-prob), and summed."""
+    cut into `seq_len` windows, scored with `score_batch` (summed target log-prob), and summed.
+    `bos_id` opens each window's inputs: 0, as seqio's decoder feature converter (and so our
+    training rows) shift the targets."""
 
     def score(texts: Sequence[str]) -> list[float]:
         out = []

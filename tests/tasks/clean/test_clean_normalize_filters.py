@@ -125,7 +125,7 @@ def test_checkpoint_score_fn_windows_and_shifts():
     assert total == pytest.approx(-10 * math.log(50))
     assert [int(b["decoder_loss_weights"].sum()) for b in seen] == [4, 4, 2]
     assert seen[0]["decoder_target_tokens"].tolist() == [[3, 4, 5, 6]]
-    assert seen[0]["decoder_input_tokens"].tolist() == [[1, 3, 4, 5]]
-    assert seen[2]["decoder_input_tokens"].tolist() == [[1, 11, 0, 0]]
+    assert seen[0]["decoder_input_tokens"].tolist() == [[0, 3, 4, 5]]  # as the training rows
+    assert seen[2]["decoder_input_tokens"].tolist() == [[0, 11, 0, 0]]
     f = F.PerplexityFilter(score_fn=score, max_perplexity=60)
     assert f.perplexity(text) == pytest.approx(50) and f(text) == text
