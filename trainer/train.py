@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from zhchat.trainer import checkpoints as ckpt_lib
+from zhchat.trainer import faults
 from zhchat.trainer import gin_cli
 from zhchat.trainer import metrics as metrics_lib
 from zhchat.trainer import optimizers
@@ -274,8 +275,8 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                                   local_batch=local_batch, seed=seed, steps=eval_steps)
         history, eval_history, window = [], [], []
         data_state, t_start, timed_steps, ran = None, None, 0, False
-        preempted, skipped_total = _Preemption(), 0
-        spikes = _SpikeGuard(spike_factor, max_rollbacks)
+        preempted, skipped_total = faults.Preemption(), 0
+        spikes = faults.SpikeGuard(spike_factor, max_rollbacks)
         try:
             for step in range(start, num_steps):
                 if preempted.requested:
@@ -347,7 +348,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                 checkpointer.close()
             writer.close()
         except BaseException:
-            _close_quietly(writer, checkpointer)  # a failed write or Ctrl-C: no hang at exit
+            faults.close_quietly(writer, checkpointer)  # a failed write or Ctrl-C: no hang at exit
             raise
         finally:
             preempted.restore()
@@ -355,75 +356,6 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
     return {"step": int(jax.device_get(state.step)), "loss": final_loss, "history": history,
             "eval_history": eval_history, "num_params": num_params, "state": state,
             "skipped_steps": skipped_total}
-
-
-class _SpikeGuard:
-    """Loss-spike detection on the logged losses (a running median of the last 20 windows)."""
-
-    def __init__(self, factor: float | None, max_rollbacks: int):
-        self.factor, self.max_rollbacks = factor, max_rollbacks
-        self.recent: list[float] = []
-        self.rollbacks = 0
-
-    def is_spike(self, loss: float | None) -> bool:
-        if self.factor is None or loss is None:
-            return False
-        median = float(np.median(self.recent)) if len(self.recent) >= 10 else None
-        spike = median is not None and (not np.isfinite(loss) or loss > self.factor * median)
-        if not spike:
-            self.recent = (self.recent + [loss])[-20:]
-        self.median = median
-        return spike
-
-    def roll_back(self, state: Any, checkpointer: Any, step: int, loss: float, abstract: Any
-                  ) -> Any:
-        self.rollbacks += 1
-        if self.rollbacks > self.max_rollbacks:
-            raise FloatingPointError(
-                f"training diverged: loss spike at step {step} ({loss:.4g} > {self.factor:g} x "
-                f"median {self.median:.4g}) after {self.max_rollbacks} rollbacks")
-        checkpointer.wait()
-        restored, _, from_step = checkpointer.restore(abstract)
-        print(f"warning: loss spike at step {step} ({loss:.4g} > {self.factor:g} x median "
-              f"{self.median:.4g}): rolled back to the params of step {from_step}, skipping the "
-              f"batches of steps {from_step + 1}-{step} (rollback {self.rollbacks} of "
-              f"{self.max_rollbacks})", file=sys.stderr, flush=True)
-        return restored.replace(step=state.step)
-
-
-def _close_quietly(writer: Any, checkpointer: Any) -> None:
-    """Releases the writer threads after an error without hiding that error."""
-    manager = getattr(checkpointer, "manager", None)
-    for close in (writer.close, manager.close if manager is not None else None):
-        if close:
-            try:
-                close()
-            except Exception:  # noqa: BLE001
-                pass
-
-
-class _Preemption:
-    """SIGTERM (what TPU, Kubernetes and SLURM send before preempting) sets `requested`; the loop
-    then stops after the current step and the final synchronous checkpoint is written."""
-
-    def __init__(self):
-        import signal
-        import threading
-
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
 
 
 def _chain_first(first: Mapping[str, np.ndarray], rest: Iterator) -> Iterator:

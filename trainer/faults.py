@@ -1,0 +1,78 @@
+"""What the train loop does about faults: loss spikes (roll back to the newest checkpoint),
+preemption (SIGTERM -> a final checkpoint) and closing writers on the error path."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+
+class SpikeGuard:
+    """Loss-spike detection on the logged losses (a running median of the last 20 windows)."""
+
+    def __init__(self, factor: float | None, max_rollbacks: int):
+        self.factor, self.max_rollbacks = factor, max_rollbacks
+        self.recent: list[float] = []
+        self.rollbacks = 0
+
+    def is_spike(self, loss: float | None) -> bool:
+        if self.factor is None or loss is None:
+            return False
+        median = float(np.median(self.recent)) if len(self.recent) >= 10 else None
+        spike = median is not None and (not np.isfinite(loss) or loss > self.factor * median)
+        if not spike:
+            self.recent = (self.recent + [loss])[-20:]
+        self.median = median
+        return spike
+
+    def roll_back(self, state: Any, checkpointer: Any, step: int, loss: float, abstract: Any
+                  ) -> Any:
+        self.rollbacks += 1
+        if self.rollbacks > self.max_rollbacks:
+            raise FloatingPointError(
+                f"training diverged: loss spike at step {step} ({loss:.4g} > {self.factor:g} x "
+                f"median {self.median:.4g}) after {self.max_rollbacks} rollbacks")
+        checkpointer.wait()
+        restored, _, from_step = checkpointer.restore(abstract)
+        print(f"warning: loss spike at step {step} ({loss:.4g} > {self.factor:g} x median "
+              f"{self.median:.4g}): rolled back to the params of step {from_step}, skipping the "
+              f"batches of steps {from_step + 1}-{step} (rollback {self.rollbacks} of "
+              f"{self.max_rollbacks})", file=sys.stderr, flush=True)
+        return restored.replace(step=state.step)
+
+
+def close_quietly(writer: Any, checkpointer: Any) -> None:
+    """Releases the writer threads after an error without hiding that error."""
+    manager = getattr(checkpointer, "manager", None)
+    for close in (writer.close, manager.close if manager is not None else None):
+        if close:
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+class Preemption:
+    """SIGTERM (what TPU, Kubernetes and SLURM send before preempting) sets `requested`; the loop
+    then stops after the current step and the final synchronous checkpoint is written."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
