@@ -42,7 +42,7 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         microbatches: int = 1, bindings: tuple[str, ...] = (),
         peak_flops: float = flops_lib.H100_BF16_PEAK_FLOPS, profile_dir: str | None = None,
         profile_steps: int = 3, breakdown: bool = False, packed: bool = True,
-        hlo_out: str | None = None) -> dict[str, Any]:
+        hlo_out: str | None = None, skip_nonfinite: bool = True) -> dict[str, Any]:
     """Compiles and times `steps` steps after `warmup` ones; returns the metrics dict. With
     `profile_dir`, `profile_steps` more steps are traced there and summarised (trace_summary);
     with `breakdown`, the forward and forward + backward are also timed alone."""
@@ -55,7 +55,8 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
     _, state_sh, init_fn = train_lib.init_shardings(model, tx, partitioner, shapes, rng)
     with partitioner.activate():
         state = train_lib.jitted_init(init_fn, state_sh, ("bench", workload.name))(rng)
-        step, _ = train_lib.jitted_steps(model.loss_fn, microbatches, state_sh, partitioner)
+        step, _ = train_lib.jitted_steps(model.loss_fn, microbatches, state_sh, partitioner,
+                                         skip_nonfinite)
         batch = jax.device_put(host_batch, partitioner.batch_sharding)
         t0 = time.perf_counter()
         lowered = step.lower(state, batch, rng)
@@ -85,6 +86,7 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         "versions": {"jax": jax.__version__, "flax": __import__("flax").__version__},
         "batch_size": workload.batch_size, "seq_len": workload.seq_len,
         "inputs_len": workload.inputs_len, "microbatches": microbatches,
+        "skip_nonfinite": skip_nonfinite,
         "packed": packed and workload.kind == "decoder",
         "num_params": model.num_params(), "steps": steps,
         "config": {k: getattr(cfg, k) for k in ("remat_policy", "scan_layers", "attention_impl",
@@ -148,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="decoder batch without segment ids / positions (static causal attention)")
     p.add_argument("--hlo_out", default=None, help="write the compiled step's optimised HLO here")
     p.add_argument("--out", default=None, help="append the result as a json line to this file")
+    p.add_argument("--no_skip_nonfinite", action="store_true",
+                   help="without the trainer's skip of non-finite steps (to time its select)")
     args, rest = p.parse_known_args(argv)
     bindings = tuple(r[len("--gin."):] for r in rest if r.startswith("--gin."))
     if any(not r.startswith("--gin.") for r in rest):
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                  mesh_shape=tuple(int(x) for x in args.mesh.split(",")),
                  microbatches=args.microbatches, bindings=bindings, profile_dir=args.profile_dir,
                  profile_steps=args.profile_steps, breakdown=args.breakdown,
-                 packed=not args.unpacked, hlo_out=args.hlo_out)
+                 packed=not args.unpacked, hlo_out=args.hlo_out,
+                 skip_nonfinite=not args.no_skip_nonfinite)
     if not np.isfinite(result["loss_last"]):
         print(f"non-finite loss {result['loss_last']}", file=sys.stderr)
     workloads.emit(result, args.out)
