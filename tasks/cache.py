@@ -136,7 +136,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="cache only the first N packed examples (a prefix of the split)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(rest)
-    lm.parse_gin(gin_files, bindings)
+    try:  # every input checked before the long export starts
+        lm.parse_gin(gin_files, bindings)
+        seqio.get_mixture_or_task(args.task)
+        os.makedirs(args.output_dir, exist_ok=True)
+        if not os.access(args.output_dir, os.W_OK):
+            raise PermissionError(f"--output_dir {args.output_dir} is not writable")
+    except (gin_cli.GinConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     meta = export_cache(task=args.task, split=args.split, output_dir=args.output_dir,
                         feature_lengths=args.feature_lengths, converter=args.converter,
                         num_shards=args.num_shards, max_examples=args.max_examples, seed=args.seed)

@@ -153,7 +153,7 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
         skip = [c for m in _UNAVAILABLE for c in OPTIONAL_MODULES[m]]
         gin.parse_config_files_and_bindings(resolved, [], finalize_config=False,
                                             skip_unknown=skip or False)
-        _check_macros(bindings)
+        check_macros(bindings)
         gin.parse_config_files_and_bindings([], list(bindings), finalize_config=False,
                                             skip_unknown=skip or False)
     except GinConfigError:
@@ -193,7 +193,7 @@ def _known_macros() -> set[str]:
     return known
 
 
-def _check_macros(bindings: Sequence[str]) -> None:
+def check_macros(bindings: Sequence[str]) -> None:
     """A binding of a macro that no parsed file (or other binding) defines or uses is a typo
     (`--gin.VOCAB_SIZ=...` would otherwise be accepted and do nothing)."""
     known = _known_macros() | {n for b in bindings for n in re.findall(r"%([A-Za-z_]\w*)", b)}

@@ -147,3 +147,12 @@ def test_reader_imports_without_tensorflow():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_cli_checks_the_task_and_gin_before_exporting(tmp_path, capsys):
+    rc = cache.main(["--task=zh_no_such_task", f"--output_dir={tmp_path / 'c'}",
+                     "--feature_lengths=targets=64"])
+    assert rc == 2 and "zh_no_such_task" in capsys.readouterr().err
+    rc = cache.main(["--gin_file=tasks/demo_lm.gin", "--gin.VOCAB_PATHH='x'", "--task=zh_demo_lm",
+                     f"--output_dir={tmp_path / 'c'}", "--feature_lengths=targets=64"])
+    assert rc == 2 and "unknown macro VOCAB_PATHH" in capsys.readouterr().err
