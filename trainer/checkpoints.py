@@ -43,7 +43,7 @@ def params_finite(tree: Any) -> bool:
 
     leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")
               and jnp.issubdtype(x.dtype, jnp.floating)]
-    return all(bool(jax.device_get(jnp.all(jnp.isfinite(x)))) for x in leaves)
+    return all(jax.device_get([jnp.all(jnp.isfinite(x)) for x in leaves]))  # one transfer
 
 
 @gin.configurable

@@ -90,6 +90,8 @@ class Scorer:
         return b
 
     def score(self, requests: Sequence[Request], desc: str = "scoring") -> np.ndarray:
+        import jax
+
         fitted = [self._fit(c, t) for c, t in requests]
         order = sorted(range(len(fitted)), key=lambda i: len(fitted[i][0]) + len(fitted[i][1]))
         out = np.zeros(len(fitted), np.float64)
@@ -98,7 +100,6 @@ class Scorer:
             idx = order[s:s + self.batch_size]
             batch = self._batch([fitted[i] for i in idx])
             if self.partitioner is not None:
-                import jax
                 batch = jax.device_put(batch, self.partitioner.batch_sharding)
             scores = np.asarray(self._fn(self.params, batch))
             out[idx] = scores[:len(idx)]
