@@ -8,7 +8,12 @@ attention counted as half), peak device memory and compile time.
     python -m zhchat.benchmarks.train_throughput --workload=decoder_1b --steps=10 \
         [--mesh=-1,1,1] [--microbatches=1] [--gin.DecoderConfig.remat_policy="'full'"] \
         [--profile_dir=DIR] [--breakdown] [--gin.make_optimizer.mu_dtype="'bfloat16'"] \
-        [--unpacked] [--hlo_out=FILE]
+        [--unpacked] [--hlo_out=FILE] [--data=CACHE_DIR [--data_batches=8]]
+
+`--data` times the step on real rows of a packed cache (what pretraining reads: several documents
+a row, padding at the end), cycling through its first `--data_batches` batches in reader order;
+the result carries the rows' documents per row. Without it, rows are synthetic, one document each
+(the upper bound).
 
 `--unpacked` drops the decoder batch's segment ids and positions (one document per row, as the HF
 baseline's batch), so attention takes the static causal path; `--hlo_out` writes the compiled step's
@@ -42,14 +47,25 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         microbatches: int = 1, bindings: tuple[str, ...] = (),
         peak_flops: float = flops_lib.H100_BF16_PEAK_FLOPS, profile_dir: str | None = None,
         profile_steps: int = 3, breakdown: bool = False, packed: bool = True,
-        hlo_out: str | None = None, skip_nonfinite: bool = True) -> dict[str, Any]:
-    """Compiles and times `steps` steps after `warmup` ones; returns the metrics dict. With
+        hlo_out: str | None = None, skip_nonfinite: bool = True,
+        data: str | None = None, data_batches: int = 8) -> dict[str, Any]:
+    """Compiles and times `steps` steps after `warmup` ones; returns the metrics dict. `data`: a
+    packed cache whose first `data_batches` batches are cycled instead of a synthetic one. With
     `profile_dir`, `profile_steps` more steps are traced there and summarised (trace_summary);
     with `breakdown`, the forward and forward + backward are also timed alone."""
     model = workloads.load_model(workload, bindings)
     tx = optimizers.make_optimizer(learning_rate=1e-4)
     partitioner = partitioning.Partitioner(mesh_shape=mesh_shape)
-    host_batch = workloads.synthetic_batch(workload, model.config.vocab_size, packed=packed)
+    data_stats = None
+    if data:
+        workload, host_batches, data_stats = workloads.cache_batches(data, workload, data_batches)
+    else:
+        host_batches = [workloads.synthetic_batch(workload, model.config.vocab_size, packed=packed)]
+    host_batch = host_batches[0]
+    top = max(int(b["decoder_input_tokens"].max()) for b in host_batches)
+    if top >= model.config.vocab_size:
+        raise ValueError(f"{data} holds token id {top}, outside the model's vocab_size "
+                         f"{model.config.vocab_size}: bind --gin.VOCAB_SIZE to the cache's vocabulary")
     shapes = {k: (v.shape[0] // microbatches,) + v.shape[1:] for k, v in host_batch.items()}
     rng = jax.random.key(0)
     _, state_sh, init_fn = train_lib.init_shardings(model, tx, partitioner, shapes, rng)
@@ -57,7 +73,8 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         state = train_lib.jitted_init(init_fn, state_sh, ("bench", workload.name))(rng)
         step, _ = train_lib.jitted_steps(model.loss_fn, microbatches, state_sh, partitioner,
                                          skip_nonfinite)
-        batch = jax.device_put(host_batch, partitioner.batch_sharding)
+        batches = [jax.device_put(b, partitioner.batch_sharding) for b in host_batches]
+        batch = batches[0]
         t0 = time.perf_counter()
         lowered = step.lower(state, batch, rng)
         compiled = lowered.compile()
@@ -70,8 +87,8 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         jax.block_until_ready(metrics)
         first_loss = float(metrics["loss"])
         t0 = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = compiled(state, batch, rng)
+        for i in range(steps):
+            state, metrics = compiled(state, batches[i % len(batches)], rng)
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - t0) / steps
         state, profile = _profile(compiled, state, batch, rng, profile_dir, profile_steps)
@@ -87,10 +104,11 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         "batch_size": workload.batch_size, "seq_len": workload.seq_len,
         "inputs_len": workload.inputs_len, "microbatches": microbatches,
         "skip_nonfinite": skip_nonfinite,
-        "packed": packed and workload.kind == "decoder",
+        "packed": packed and workload.kind == "decoder", "data": data, "data_stats": data_stats,
         "num_params": model.num_params(), "steps": steps,
         "config": {k: getattr(cfg, k) for k in ("remat_policy", "scan_layers", "attention_impl",
-                                                "dtype") if hasattr(cfg, k)},
+                                                "dtype", "max_segments_per_row")
+                   if hasattr(cfg, k)},
         "step_time_s": step_s, "tokens_per_s_per_device": tokens / step_s / n,
         "tflops_per_device": ex_flops * workload.batch_size / step_s / n / 1e12,
         "mfu": ex_flops * workload.batch_size / step_s / (n * peak_flops),
@@ -150,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="decoder batch without segment ids / positions (static causal attention)")
     p.add_argument("--hlo_out", default=None, help="write the compiled step's optimised HLO here")
     p.add_argument("--out", default=None, help="append the result as a json line to this file")
+    p.add_argument("--data", default=None, help="a packed cache: time real rows from it")
+    p.add_argument("--data_batches", type=int, default=8, help="batches of --data to cycle")
     p.add_argument("--no_skip_nonfinite", action="store_true",
                    help="without the trainer's skip of non-finite steps (to time its select)")
     args, rest = p.parse_known_args(argv)
@@ -163,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                  microbatches=args.microbatches, bindings=bindings, profile_dir=args.profile_dir,
                  profile_steps=args.profile_steps, breakdown=args.breakdown,
                  packed=not args.unpacked, hlo_out=args.hlo_out,
-                 skip_nonfinite=not args.no_skip_nonfinite)
+                 skip_nonfinite=not args.no_skip_nonfinite, data=args.data,
+                 data_batches=args.data_batches)
     if not np.isfinite(result["loss_last"]):
         print(f"non-finite loss {result['loss_last']}", file=sys.stderr)
     workloads.emit(result, args.out)

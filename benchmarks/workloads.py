@@ -35,6 +35,8 @@ WORKLOADS = {
     "decoder_1b": Workload("decoder_1b", "decoder_1b.gin", "decoder", batch_size=8, seq_len=2048),
     "t5_large": Workload("t5_large", "t5_large.gin", "encdec", batch_size=64, seq_len=114,
                          inputs_len=512),
+    "decoder_100m": Workload("decoder_100m", "decoder_100m.gin", "decoder", batch_size=32,
+                             seq_len=2048),
     "decoder_tiny": Workload("decoder_tiny", "decoder_tiny.gin", "decoder", batch_size=2,
                              seq_len=32),
     "t5_tiny": Workload("t5_tiny", "t5_tiny.gin", "encdec", batch_size=2, seq_len=16,
@@ -83,6 +85,44 @@ def synthetic_batch(workload: Workload, vocab_size: int, seed: int = 0, *, packe
     return batch
 
 
+def cache_batches(cache_dir: str, workload: Workload, num_batches: int
+                  ) -> tuple[Workload, list[dict[str, Any]], dict[str, float]]:
+    """The first `num_batches` batches of a packed cache, in the trainer's reader order without
+    shuffling: (the workload at the cache's lengths, host batches, packing statistics). Real rows
+    (several documents each, padding at the end) instead of the synthetic one-document rows."""
+    import numpy as np
+
+    with gin.unlock_config():  # the reader registers a configurable; the model's gin is parsed
+        from zhchat.tasks import cache_reader
+
+    meta = cache_reader.cache_metadata(cache_dir)
+    lengths = meta["task_feature_lengths"]
+    if meta.get("converter") != workload.kind:
+        raise ValueError(f"{cache_dir} holds {meta.get('converter')!r} rows; workload "
+                         f"{workload.name} needs {workload.kind!r} rows")
+    need = num_batches * workload.batch_size
+    if meta["num_examples"] < need:
+        raise ValueError(f"{cache_dir} holds {meta['num_examples']} rows, fewer than "
+                         f"{num_batches} batches of {workload.batch_size}")
+    if workload.kind == "decoder":
+        workload = dataclasses.replace(workload, seq_len=lengths["targets"])
+    else:
+        workload = dataclasses.replace(workload, seq_len=lengths["targets"],
+                                       inputs_len=lengths["inputs"])
+    it = cache_reader.make_cache_iterator(cache_dir=cache_dir, batch_size=workload.batch_size,
+                                          shuffle=False, shard_index=0, shard_count=1,
+                                          num_threads=4, prefetch_buffer_size=4)
+    batches = [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(num_batches)]
+    seg_key = "decoder_segment_ids"
+    segs = np.concatenate([b[seg_key] for b in batches])
+    starts = (segs != 0) & (segs != np.pad(segs[:, :-1], ((0, 0), (1, 0))))
+    docs = starts.sum(axis=1)
+    stats = {"rows": int(segs.shape[0]), "documents_per_row": float(docs.mean()),
+             "max_documents_per_row": int(docs.max()),
+             "non_padding_fraction": float((segs != 0).mean())}
+    return workload, batches, stats
+
+
 def flops_per_example(model: Any, workload: Workload) -> float:
     """Training FLOPs of one example (PaLM appendix B via the model's own counter)."""
     if workload.kind == "encdec":
@@ -98,7 +138,10 @@ def tokens_per_example(workload: Workload) -> int:
 
 
 def emit(result: dict[str, Any], out: str | None) -> None:
-    """Prints a result as one json line and appends it to `out` when given."""
+    """Prints a result as one json line and appends it to `out` when given (named by the
+    ZHCHAT_BENCH_RUN environment variable when the GPU scripts set it)."""
+    if os.environ.get("ZHCHAT_BENCH_RUN"):
+        result = {"run": os.environ["ZHCHAT_BENCH_RUN"], **result}
     line = json.dumps(result)
     print(line, flush=True)
     if out:

@@ -4,10 +4,12 @@ Pre-norm RMSNorm blocks with rotary positions, grouped-query attention and a Swi
 fp32 parameters, `dtype` compute. Packed rows are handled with segment ids (no attention across
 segments, positions restart per segment), prefix-LM rows with `prefix` (1 on bidirectional inputs).
 
-Attention masks: rows whose segment ids are 1...1 0...0 (unpacked, right-padded) take the
-`is_causal=True` path without a dense mask (cuDNN flash attention on GPU); other rows build a
-[batch, 1, len, len] mask from segment ids. The choice is a runtime `lax.cond`, so one compiled
-step serves both; outputs on padding positions may differ between the two (they carry no loss).
+Attention over packed rows is models/attention.py's `packed_causal_attention`: unpacked rows
+(segment ids 1...1 0...0) take plain causal flash attention, packed rows with at most
+`max_segments_per_row` documents cuDNN's packed flash attention on Hopper GPUs, anything else a
+dense [batch, 1, len, len] mask (also XLA's path on CPU/TPU); prefix-LM rows always use the mask.
+The choice is made at run time, so one compiled step serves every batch; outputs on padding
+positions may differ between the paths (they carry no loss).
 
 Initialisation follows HF `LlamaForCausalLM` (its `initializer_range`): the token embedding and
 every kernel are drawn from normal(0, `init_std` = 0.02); tied logits are `x @ embedding.T`, unscaled.
@@ -33,7 +35,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from zhchat.models import layers
+from zhchat.models import attention, layers
 from zhchat.models.remat import REMAT_POLICIES, checkpoint_policy
 
 Array = jax.Array
@@ -58,6 +60,7 @@ class DecoderConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     remat_policy: str = "none"
+    max_segments_per_row: int = 64
     scan_layers: bool = False
     attention_impl: str = "auto"
     max_len: int = 2048
@@ -84,6 +87,8 @@ class DecoderConfig:
             bad("residual_init", f"must be one of {RESIDUAL_INITS}")
         if self.remat_policy not in REMAT_POLICIES:
             bad("remat_policy", f"must be one of {REMAT_POLICIES}")
+        if self.max_segments_per_row < 2:
+            bad("max_segments_per_row", "must be >= 2")
         if self.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
             bad("attention_impl", f"must be one of {layers.ATTENTION_IMPLEMENTATIONS}")
         for f in ("dtype", "param_dtype"):
@@ -120,7 +125,7 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, prefix, kv_mask, unpacked):
+    def __call__(self, x, positions, segment_ids, prefix, kv_mask, segments):
         cfg = self.config
         dense = functools.partial(_dense, cfg)
         q = dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), "query")(x)
@@ -139,12 +144,12 @@ class Attention(nn.Module):
             out = attend(is_causal=True)
         else:
             seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-            masked = lambda: attend(mask=layers.make_attention_mask(
-                seg, seg, causal=True, query_prefix=prefix, kv_prefix=prefix))
-            if prefix is None and unpacked is not None:
-                out = jax.lax.cond(unpacked, lambda: attend(is_causal=True), masked)
+            if prefix is None and segments is not None:
+                out = attention.packed_causal_attention(
+                    q, k, v, segment_ids=seg, info=segments, implementation=cfg.attention_impl)
             else:
-                out = masked()
+                out = attend(mask=layers.make_attention_mask(
+                    seg, seg, causal=True, query_prefix=prefix, kv_prefix=prefix))
         out = _constrain(out, *names)
         return dense(cfg.emb_dim, ("heads", "kv", "embed"), "out", axis=(-2, -1),
                      init=_output_init(cfg))(out)
@@ -199,13 +204,13 @@ class DecoderLayer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, prefix, kv_mask, unpacked):
+    def __call__(self, x, positions, segment_ids, prefix, kv_mask, segments):
         cfg = self.config
         norm = lambda name: layers.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype),
                                            param_dtype=jnp.dtype(cfg.param_dtype), name=name)
         h = norm("pre_attention_norm")(x)
         x = x + Attention(cfg, decode=self.decode, name="attention")(
-            h, positions, segment_ids, prefix, kv_mask, unpacked)
+            h, positions, segment_ids, prefix, kv_mask, segments)
         x = x + MLP(cfg, name="mlp")(norm("pre_mlp_norm")(x))
         return _constrain(x, "activation_batch", "activation_length", "activation_embed"), None
 
@@ -234,13 +239,14 @@ class Decoder(nn.Module):
             if decode:
                 raise ValueError("decode=True needs explicit positions [batch, len]")
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        unpacked = None if segment_ids is None or decode else layers.unpacked_rows(segment_ids)
+        segments = (None if segment_ids is None or decode or prefix is not None
+                    else attention.segment_info(segment_ids, cfg.max_segments_per_row))
 
         embed = layers.Embed(num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=dt,
                              param_dtype=pdt, embedding_init=_normal(cfg.init_std),
                              name="token_embedder")
         x = _constrain(embed(tokens), "activation_batch", "activation_length", "activation_embed")
-        args = (positions, segment_ids, prefix, kv_mask, unpacked)
+        args = (positions, segment_ids, prefix, kv_mask, segments)
         layer_cls = _layer_class(cfg)
         if cfg.scan_layers:
             stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},

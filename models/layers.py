@@ -236,14 +236,15 @@ def dot_product_attention(query: Array, key: Array, value: Array, *, bias: Array
                                                 implementation="cudnn", **kwargs)
         except (NotImplementedError, ValueError, RuntimeError) as e:
             # shapes/masks cuDNN rejects at trace time run on XLA, said once per kind of rejection
-            _warn_once(f"cuDNN attention rejected {query.shape} q / {key.shape} kv "
+            warn_once(f"cuDNN attention rejected {query.shape} q / {key.shape} kv "
                        f"(bias={bias is not None}, mask={mask is not None}, causal={is_causal}): "
                        f"{e}; using XLA attention")
     return _xla_attention(query, key, value, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+    """Logs `message` the first time it is seen."""
     logging.warning(message)
 
 

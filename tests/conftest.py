@@ -66,3 +66,16 @@ def spm_models(tmp_path_factory, demo_data_dir) -> dict:
             heldout_format="pku_tagged", heldout_max_chars=100_000)
         models[model_type] = prefix + ".model"
     return models
+
+
+@pytest.fixture(scope="session")
+def demo_task(spm_models) -> str:
+    """Registers `zh_demo_lm` from gin_configs/tasks/demo_lm.gin with the BPE test tokenizer."""
+    import gin
+
+    from zhchat.tasks import lm
+
+    names = lm.parse_gin(["tasks/demo_lm.gin"], [f"VOCAB_PATH = '{spm_models['bpe']}'"])
+    gin.clear_config()  # the task is registered; leave no bindings behind for other tests
+    assert names == ["zh_demo_lm"]
+    return "zh_demo_lm"

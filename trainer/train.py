@@ -274,7 +274,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
         eval_runner = _EvalRunner(eval_data, eval_fn, partitioner, batch_size=batch_size,
                                   local_batch=local_batch, seed=seed, steps=eval_steps)
         history, eval_history, window = [], [], []
-        data_state, t_start, timed_steps, ran = None, None, 0, False
+        data_state, t_start, timed_steps, ran, fetch_s = None, None, 0, False, 0.0
         preempted, skipped_total = faults.Preemption(), 0
         spikes = faults.SpikeGuard(spike_factor, max_rollbacks)
         try:
@@ -283,6 +283,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                     print(f"SIGTERM: stopping at step {step} with a final checkpoint",
                           file=sys.stderr, flush=True)
                     break
+                fetch_start = time.perf_counter()
                 try:
                     batch, next_data_state = next(batches)
                 except StopIteration:
@@ -290,8 +291,11 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                           "stopping", file=sys.stderr, flush=True)
                     break
                 data_state, ran = next_data_state, True
+                fetched = time.perf_counter()
                 state, step_metrics = step_fn(state, batch, step_rng)
+                dispatched = time.perf_counter()
                 batches.prefetch()  # overlaps the host's next read with this step on the device
+                fetch_s += (fetched - fetch_start) + (time.perf_counter() - dispatched)
                 window.append(step_metrics)
                 done = step + 1
                 if t_start is None:  # the first step compiles: time throughput from its end
@@ -315,11 +319,15 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                                 f"{max_skipped_steps}); the last checkpoint is step {last}: "
                                 "lower the learning rate or restart from it")
                     if timed_steps:
+                        seconds = time.perf_counter() - t_start
                         scalars.update(metrics_lib.throughput(
-                            tokens=timed_steps * batch_size * tokens_per_example,
-                            seconds=time.perf_counter() - t_start,
+                            tokens=timed_steps * batch_size * tokens_per_example, seconds=seconds,
                             flops_per_token=flops_per_token, num_devices=jax.device_count(),
                             peak_flops_per_device=peak_flops_per_device))
+                        scalars["step_time_s"] = seconds / timed_steps
+                    # host seconds a step spent reading + placing its batch (hidden while below
+                    # the device's step time, since the read overlaps the dispatched step)
+                    scalars["host_data_s_per_step"] = fetch_s / len(window)
                     if schedule is not None:
                         scalars["learning_rate"] = float(schedule(done))
                     if spikes.is_spike(scalars.get("loss")) and checkpointer is not None:
@@ -328,7 +336,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                                                      jax.eval_shape(init_fn, init_rng), state_sh))
                     writer.write(done, scalars)
                     history.append({"step": done, **scalars})
-                    window, t_start, timed_steps = [], time.perf_counter(), 0
+                    window, t_start, timed_steps, fetch_s = [], time.perf_counter(), 0, 0.0
                 paused = time.perf_counter()  # eval and checkpoint time is not training throughput
                 if eval_every and done % eval_every == 0 and (eval_runner.enabled or eval_hooks):
                     results = eval_runner(state.params) if eval_runner.enabled else {}

@@ -1,6 +1,7 @@
 """The GPU benchmark scripts run end to end for a couple of steps on tiny presets on CPU, so they
 never rot; the HF baselines build the same architecture (parameter counts agree)."""
 
+import json
 import math
 
 import pytest
@@ -57,3 +58,53 @@ def test_decode_throughput_runs_both_systems_for_exact_lengths():
     hf = decode_throughput.run_hf(w, **kw)
     assert len(ours["times"]) == 1 and len(hf["times"]) == 1
     assert ours["first_call_s"] > 0 and hf["first_call_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def packed_cache(demo_task, tmp_path_factory):
+    """A real packed decoder cache of the demo corpus (rows of 128 tokens, several documents)."""
+    from zhchat.tasks import cache
+
+    out = tmp_path_factory.mktemp("bench_cache")
+    meta = cache.export_cache(task=demo_task, split="train", output_dir=str(out),
+                              feature_lengths={"targets": 128}, converter="decoder",
+                              num_shards=1, max_examples=48, progress=False)
+    return str(out), f"VOCAB_SIZE = {meta['vocabulary']['targets']['vocab_size']}"
+
+
+def test_train_throughput_and_hf_baseline_on_real_packed_rows(packed_cache):
+    data, vocab = packed_cache
+    w = workloads.get_workload("decoder_tiny", batch_size=8)
+    ours = train_throughput.run(w, steps=2, warmup=1, mesh_shape=(-1, 1, 1), bindings=(vocab,),
+                                data=data, data_batches=3)
+    stats = ours["data_stats"]
+    assert ours["seq_len"] == 128 and stats["rows"] == 24
+    assert stats["documents_per_row"] > 1 and stats["max_documents_per_row"] >= 2
+    assert 0.5 < stats["non_padding_fraction"] <= 1 and math.isfinite(ours["loss_last"])
+    hf = hf_baseline.run(w, steps=2, warmup=1, compile_model=False, device="cpu",
+                         bindings=(vocab,), data=data, data_batches=3)
+    assert hf["data_stats"] == stats and math.isfinite(hf["final_loss"])
+    # the same rows, the same init scale: both start near ln(vocab) on real tokens
+    assert abs(hf["final_loss"] - ours["loss_first"]) < 1.0
+    with pytest.raises(ValueError, match="VOCAB_SIZE"):
+        train_throughput.run(w, steps=1, warmup=1, mesh_shape=(-1, 1, 1), bindings=TINY_VOCAB,
+                             data=data, data_batches=1)
+    with pytest.raises(ValueError, match="fewer than"):
+        workloads.cache_batches(data, w, 100)
+
+
+def test_trainer_cli_benchmark_reports_steady_state_and_host_time(packed_cache, tmp_path):
+    from zhchat.benchmarks import train_cli
+
+    data, vocab = packed_cache
+    out = tmp_path / "cli.jsonl"
+    rc = train_cli.main([f"--run_dir={tmp_path / 'run'}", f"--out={out}",
+                         "--gin_file=models/decoder_tiny.gin", "--gin_file=runs/pretrain.gin",
+                         f"--gin.{vocab.replace(' ', '')}", f"--gin.TRAIN_CACHE_DIR='{data}'",
+                         "--gin.BATCH_SIZE=8", "--gin.NUM_STEPS=12", "--gin.train.log_every=3",
+                         "--gin.train.checkpoint_every=6", "--gin.make_schedule.warmup_steps=2"])
+    assert rc == 0
+    result = json.loads(out.read_text().splitlines()[-1])
+    assert result["windows"] == 3 and result["step_time_s"] > 0
+    assert 0 <= result["host_data_s_per_step"] < result["wall_s"]
+    assert 0 < result["mfu"] < 1 and math.isfinite(result["final_loss"])
