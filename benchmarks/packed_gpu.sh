@@ -29,14 +29,16 @@ for what in "$@"; do case "$what" in
       "$repo/tests/models/test_attention_gpu.py" "$repo/tests/models/test_decoder_gpu.py" \
       > "$out/logs/tests.log" 2>&1
     echo "== tests rc=$? $(tail -n 1 "$out/logs/tests.log")" | tee -a "$out/suite.log" ;;
-  step_100m|step_1b)  # one-document rows (upper bound), real rows (packed kernel), real rows with
-                      # 2 segment slots (nearly every batch takes the dense-mask path: the old one)
+  step_100m|step_1b)  # one-document rows (upper bound); real rows on the packed kernel (16 and
+                      # 8 table slots a row; unsorted rows); real rows on the dense-mask path
+                      # (2 slots, unsorted: nearly every batch misses the table)
     w=decoder_100m; [ "$what" = step_1b ] && w=decoder_1b
     run "${w}_onedoc" 150 "${tt[@]}" --workload=$w --unpacked
     run "${w}_real" 150 "${tt[@]}" --workload=$w --data="$data" --profile_dir="$out/profiles/${w}_real"
-    run "${w}_real_segs128" 150 "${tt[@]}" --workload=$w --data="$data" "$(segs 128)"
-    run "${w}_real_segs16" 150 "${tt[@]}" --workload=$w --data="$data" "$(segs 16)"
-    run "${w}_real_masked" 150 "${tt[@]}" --workload=$w --data="$data" "$(segs 2)" ;;
+    run "${w}_real_segs8" 150 "${tt[@]}" --workload=$w --data="$data" "$(segs 8)"
+    run "${w}_real_unsorted" 150 "${tt[@]}" --workload=$w --data="$data" --gin.DecoderConfig.sort_packed_rows=False
+    run "${w}_real_masked" 150 "${tt[@]}" --workload=$w --data="$data" "$(segs 2)" \
+      --gin.DecoderConfig.sort_packed_rows=False ;;
   cli)  # the trainer CLI on the cache: reader, transfers, eval every 100 and checkpoints included
     run cli_decoder_100m 400 python3 -m zhchat.benchmarks.train_cli --run_dir=/tmp/cli_100m \
       --gin_file=models/decoder_100m.gin --gin_file=runs/pretrain.gin \

@@ -62,6 +62,9 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
     else:
         host_batches = [workloads.synthetic_batch(workload, model.config.vocab_size, packed=packed)]
     host_batch = host_batches[0]
+    if data_stats is not None and hasattr(model.config, "max_segments_per_row"):
+        data_stats.update(_attention_paths(model.config, host_batches,
+                                           partitioner.data_parallel_size))
     top = max(int(b["decoder_input_tokens"].max()) for b in host_batches)
     if top >= model.config.vocab_size:
         raise ValueError(f"{data} holds token id {top}, outside the model's vocab_size "
@@ -116,6 +119,22 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
         "loss_first": first_loss, "loss_last": float(metrics["loss"]),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "profile": profile, "breakdown": parts,
     }
+
+
+def _attention_paths(cfg, host_batches, groups: int) -> dict[str, float]:
+    """Shares of the batches on each attention path (models/attention.py) on a GPU: one document
+    a row (plain causal), documents fitting the segment table (packed kernel; rows sorted as the
+    decoder sorts them), the rest (dense mask)."""
+    from zhchat.models import attention
+
+    paths = []
+    for b in host_batches:
+        seg = jax.numpy.asarray(b["decoder_segment_ids"])
+        if cfg.sort_packed_rows:
+            seg = attention.permute_rows(seg, attention.sort_rows(seg, groups))
+        info = attention.segment_info(seg, cfg.max_segments_per_row, groups=groups)
+        paths.append("causal" if info.unpacked else "packed" if info.fits else "masked")
+    return {f"{p}_batches": paths.count(p) / len(paths) for p in ("causal", "packed", "masked")}
 
 
 def _breakdown(model, state, batch, steps: int) -> dict[str, float]:

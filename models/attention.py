@@ -4,26 +4,34 @@ A packed row holds documents 1, 2, ... back to back, then padding (segment id 0)
 earlier tokens of its own document only. `packed_causal_attention` picks, at run time, one of:
 
 - every row one document + padding -> plain causal flash attention (no mask at all);
-- every row at most `max_segments` documents, on a Hopper GPU -> cuDNN flash attention in its
-  packed ("THD") layout: each document's start offset and length go to the kernel, which skips the
+- the batch's documents fit the segment table (below), on a Hopper GPU -> cuDNN flash attention in
+  its packed ("THD") layout: each document's start and length go to the kernel, which skips the
   blocks across documents, so no [len, len] mask is built or read (forward and backward);
-- otherwise (more documents than `max_segments`; XLA on CPU/TPU) -> a boolean [batch, 1, len, len]
-  mask from the segment ids.
+- otherwise (XLA on CPU/TPU too) -> a boolean [batch, 1, len, len] mask from the segment ids.
 
 The choice is a `lax.switch` on facts of the batch computed once per forward (`SegmentInfo`), so
 one compiled step serves every batch. Outputs on padding positions are zero on the packed path and
 unspecified elsewhere (they carry no loss).
 
-Segments are runs of one nonzero id, as seqio's packing writes them; an id that comes back after
-another (1 1 2 2 1) is a new document here, while the dense mask would join the two runs.
+The segment table. cuDNN takes [batch, M] lengths and [batch, M + 1] offsets; jax flattens them
+into one list of up to batch * M documents (offsets of table row r count from token r * len), and
+cuDNN keeps softmax statistics of [batch * M, heads, len] floats, so M (`max_segments`) costs
+memory and backward time linearly and must stay small. Real caches have a long tail (a few rows of
+60+ short documents, most rows 1-3), so documents are not tied to their own table row: the k-th
+document of the batch goes to table row k // M, which holds any document starting at or after
+token (k // M) * len. That fits when every prefix of rows holds at most M documents per row; the
+decoder sorts rows by document count (within each data-parallel shard, see `sort_rows`) so that
+it almost always does. Segments are runs of one nonzero id, as seqio's packing writes them.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -36,33 +44,90 @@ class SegmentInfo(NamedTuple):
     """Facts about a batch's segment ids, shared by every layer of one forward."""
 
     unpacked: Array   # scalar bool: every row is one segment followed only by padding
-    fits: Array       # scalar bool: no row has more than max_segments segments
-    lengths: Array    # [batch, max_segments] int32 segment lengths, -1 past a row's last segment
-    offsets: Array    # [batch, max_segments + 1] int32 segment starts, -1 past the last one
+    fits: Array       # scalar bool: the documents fit the segment table
+    lengths: Array    # [batch, M] int32 document lengths, -1 on unused slots
+    offsets: Array    # [batch, M + 1] int32 document starts, from token row * len; -1 unused
 
 
-def segment_info(segment_ids: Array, max_segments: int) -> SegmentInfo:
-    """Lengths and start offsets of each row's segments (runs of one nonzero id), in the layout
-    of cuDNN's packed attention: [b, M] lengths and [b, M + 1] offsets, -1 where a row has fewer
-    than M segments."""
+def _starts(segment_ids: Array) -> Array:
+    seg = segment_ids.astype(jnp.int32)
+    previous = jnp.concatenate([jnp.zeros_like(seg[:, :1]), seg[:, :-1]], axis=1)
+    return (seg != 0) & (seg != previous)
+
+
+def documents_per_row(segment_ids: Array) -> Array:
+    """[batch] number of segments (runs of one nonzero id) in each row."""
+    return jnp.sum(_starts(segment_ids), axis=1, dtype=jnp.int32)
+
+
+def segment_info(segment_ids: Array, max_segments: int, *, groups: int = 1) -> SegmentInfo:
+    """The segment table of `segment_ids` [batch, len] for cuDNN's packed layout.
+
+    `groups` splits the batch into that many consecutive blocks of rows laid out apart (one per
+    data-parallel shard: the kernel runs per shard on its local rows). Built from comparisons and
+    one row gather, no scatters (scatter-adds of every token into a few slots serialise on GPU).
+    """
     if max_segments < 2:
         raise ValueError(f"max_segments must be >= 2 (1 is the unpacked layout), got {max_segments}")
-    seg = segment_ids.astype(jnp.int32)
-    b, t = seg.shape
-    valid = seg != 0
-    previous = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), seg[:, :-1]], axis=1)
-    start = valid & (seg != previous)
-    rank = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1  # segment index of each token
-    count = jnp.sum(start, axis=1, dtype=jnp.int32)
-    rows = jnp.arange(b)[:, None]
-    start_slot = jnp.where(start & (rank < max_segments), rank, max_segments + 1)  # else dropped
-    offsets = jnp.full((b, max_segments + 1), -1, jnp.int32).at[rows, start_slot].set(
-        jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), mode="drop")
-    token_slot = jnp.where(valid, rank, max_segments)
-    lengths = jnp.zeros((b, max_segments), jnp.int32).at[rows, token_slot].add(1, mode="drop")
-    lengths = jnp.where(jnp.arange(max_segments)[None, :] < count[:, None], lengths, -1)
-    return SegmentInfo(unpacked=layers.unpacked_rows(seg), fits=jnp.all(count <= max_segments),
-                       lengths=lengths, offsets=offsets)
+    b, t = segment_ids.shape
+    if b % groups:
+        raise ValueError(f"batch {b} does not split into {groups} groups")
+    m, rows = max_segments, b // groups
+    valid = segment_ids != 0
+    c = jnp.cumsum(_starts(segment_ids), axis=1, dtype=jnp.int32)  # starts at or before each token
+    count = c[:, -1].reshape(groups, rows)
+    end = jnp.cumsum(count, axis=1)                                # [g, rows] past each row's docs
+    fits = jnp.all(end <= (jnp.arange(1, rows + 1) * m)[None, :])
+    slot = jnp.arange(rows * m, dtype=jnp.int32).reshape(rows, m)  # k-th document of the group
+    row = jnp.sum(end[:, None, None, :] <= slot[None, :, :, None], axis=-1, dtype=jnp.int32)
+    used = slot[None] < end[:, -1:, None]                          # [g, rows, m]
+    row = jnp.minimum(row, rows - 1)
+    first = jnp.take_along_axis(end - count, row.reshape(groups, -1), axis=1).reshape(row.shape)
+    k = slot[None] - first                                         # index within its row
+    source = row + (jnp.arange(groups) * rows)[:, None, None]      # its row in the batch
+    c_rows, valid_rows = c[source], valid[source]                  # [g, rows, m, len]
+    start = jnp.sum(c_rows <= k[..., None], axis=-1, dtype=jnp.int32)
+    length = jnp.sum((c_rows == k[..., None] + 1) & valid_rows, axis=-1, dtype=jnp.int32)
+    offset = (row - jnp.arange(rows)[None, :, None]) * t + start
+    lengths = jnp.where(used, length, -1).reshape(b, m)
+    offsets = jnp.where(used, offset, -1).reshape(b, m)
+    offsets = jnp.concatenate([offsets, jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    return SegmentInfo(unpacked=layers.unpacked_rows(segment_ids), fits=fits, lengths=lengths,
+                       offsets=offsets)
+
+
+def batch_groups(batch: int) -> int:
+    """Data-parallel shards of the batch under the active mesh and logical rules (1 without)."""
+    try:
+        axes = nn.logical_to_mesh_axes(("activation_batch",))[0]
+        mesh = jax.sharding.get_abstract_mesh()
+    except (ValueError, RuntimeError, AttributeError):
+        return 1
+    if axes is None or mesh is None or getattr(mesh, "empty", True):
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    n = math.prod(dict(mesh.shape).get(a, 1) for a in axes)
+    return n if n > 0 and batch % n == 0 else 1
+
+
+def sort_rows(segment_ids: Array, groups: int) -> Array:
+    """[groups, batch // groups] orders putting each group's rows (consecutive rows: one
+    data-parallel shard) in ascending document count; rows never leave their group. Stable."""
+    b = segment_ids.shape[0]
+    docs = documents_per_row(segment_ids).reshape(groups, b // groups)
+    return jnp.argsort(docs, axis=1, stable=True).astype(jnp.int32)
+
+
+def permute_rows(x: Array, order: Array) -> Array:
+    """x [batch, ...] with each group's rows taken in `order` [groups, rows] (a local gather)."""
+    g, rows = order.shape
+    grouped = x.reshape((g, rows) + x.shape[1:])
+    return jax.vmap(lambda xs, o: xs[o])(grouped, order).reshape(x.shape)
+
+
+def inverse_order(order: Array) -> Array:
+    """The orders that undo `order` (per group)."""
+    return jnp.argsort(order, axis=1).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,30 +144,39 @@ def cudnn_packed_available() -> bool:
         return False
 
 
+def uses_packed_kernel(implementation: str, dtype, head_dim: int) -> bool:
+    """Whether packed rows of this config go to cuDNN's packed kernel (else the dense mask)."""
+    return (layers.resolve_attention_impl(implementation, dtype, head_dim) == "cudnn"
+            and cudnn_packed_available())
+
+
 def _cudnn_packed(q: Array, k: Array, v: Array, info: SegmentInfo, segment_ids: Array,
                   scale: float) -> Array:
     from jax._src.cudnn import fused_attention_stablehlo as fa
     dtype = q.dtype
+    valid = (segment_ids != 0)[:, :, None, None]
+    # padding tokens lie outside every document: the kernel leaves their outputs and gradients
+    # unwritten, so both are zeroed here (the inputs' where masks the gradients)
+    q, k, v = (jnp.where(valid, x.astype(dtype), jnp.zeros((), dtype)) for x in (q, k, v))
     out = fa.dot_product_attention(
-        q, k.astype(dtype), v.astype(dtype), None, None, info.lengths, info.lengths, info.offsets,
-        info.offsets, scale=scale, mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
-    return jnp.where((segment_ids != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
+        q, k, v, None, None, info.lengths, info.lengths, info.offsets, info.offsets, scale=scale,
+        mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+    return jnp.where(valid, out, jnp.zeros((), out.dtype))
 
 
 def packed_causal_attention(q: Array, k: Array, v: Array, *, segment_ids: Array,
                             info: SegmentInfo | None = None, implementation: str = "auto",
-                            max_segments: int = 64) -> Array:
+                            max_segments: int = 16) -> Array:
     """Causal attention of q [b, t, n, h] over k/v [b, t, kv, h] within each row's segments."""
-    impl = layers.resolve_attention_impl(implementation, q.dtype, q.shape[-1])
     if info is None:
         info = segment_info(segment_ids, max_segments)
-    scale = 1.0 / float(q.shape[-1]) ** 0.5
     causal = lambda: layers.dot_product_attention(q, k, v, is_causal=True,
                                                   implementation=implementation)
     masked = lambda: layers.dot_product_attention(
         q, k, v, mask=layers.make_attention_mask(segment_ids, segment_ids, causal=True),
         implementation=implementation)
-    if impl == "cudnn" and cudnn_packed_available():
+    if uses_packed_kernel(implementation, q.dtype, q.shape[-1]):
+        scale = 1.0 / float(q.shape[-1]) ** 0.5
         packed = lambda: _cudnn_packed(q, k, v, info, segment_ids, scale)
         branch = jnp.where(info.unpacked, 0, jnp.where(info.fits, 1, 2))
         try:

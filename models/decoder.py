@@ -5,9 +5,12 @@ fp32 parameters, `dtype` compute. Packed rows are handled with segment ids (no a
 segments, positions restart per segment), prefix-LM rows with `prefix` (1 on bidirectional inputs).
 
 Attention over packed rows is models/attention.py's `packed_causal_attention`: unpacked rows
-(segment ids 1...1 0...0) take plain causal flash attention, packed rows with at most
-`max_segments_per_row` documents cuDNN's packed flash attention on Hopper GPUs, anything else a
-dense [batch, 1, len, len] mask (also XLA's path on CPU/TPU); prefix-LM rows always use the mask.
+(segment ids 1...1 0...0) take plain causal flash attention, packed rows cuDNN's packed flash
+attention on Hopper GPUs when the batch's documents fit its segment table
+(`max_segments_per_row` slots a row, shared across rows; rows are sorted by document count within
+each data-parallel shard for it, and put back before the output norm: `sort_packed_rows`),
+anything else a dense [batch, 1, len, len] mask (also XLA's path on CPU/TPU); prefix-LM rows
+always use the mask.
 The choice is made at run time, so one compiled step serves every batch; outputs on padding
 positions may differ between the paths (they carry no loss).
 
@@ -60,7 +63,8 @@ class DecoderConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     remat_policy: str = "none"
-    max_segments_per_row: int = 64
+    max_segments_per_row: int = 16
+    sort_packed_rows: bool = True
     scan_layers: bool = False
     attention_impl: str = "auto"
     max_len: int = 2048
@@ -239,8 +243,16 @@ class Decoder(nn.Module):
             if decode:
                 raise ValueError("decode=True needs explicit positions [batch, len]")
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        segments = (None if segment_ids is None or decode or prefix is not None
-                    else attention.segment_info(segment_ids, cfg.max_segments_per_row))
+        segments, order = None, None
+        if segment_ids is not None and not decode and prefix is None:
+            groups = attention.batch_groups(tokens.shape[0])
+            if cfg.sort_packed_rows and attention.uses_packed_kernel(
+                    cfg.attention_impl, dt, cfg.head_dim):
+                order = attention.sort_rows(segment_ids, groups)  # rows fit the segment table
+                tokens, positions, segment_ids = (attention.permute_rows(a, order)
+                                                  for a in (tokens, positions, segment_ids))
+            segments = attention.segment_info(segment_ids, cfg.max_segments_per_row,
+                                              groups=groups)
 
         embed = layers.Embed(num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=dt,
                              param_dtype=pdt, embedding_init=_normal(cfg.init_std),
@@ -256,6 +268,8 @@ class Decoder(nn.Module):
         else:
             for i in range(cfg.num_layers):
                 x, _ = layer_cls(cfg, decode=decode, name=f"layers_{i}")(x, *args)
+        if order is not None:
+            x = attention.permute_rows(x, attention.inverse_order(order))
         x = layers.RMSNorm(epsilon=cfg.norm_eps, dtype=dt, param_dtype=pdt, name="decoder_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)

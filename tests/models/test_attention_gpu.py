@@ -45,14 +45,16 @@ def _loss_and_grads(fn, q, k, v, seg):
 
 
 @pytest.mark.parametrize("mean_len,max_segments,heads", [(300, 16, (8, 2, 64)),
-                                                         (40, 64, (8, 8, 128)),
+                                                         (40, 32, (8, 8, 128)),
                                                          (20, 8, (4, 1, 64))])
 def test_packed_cudnn_equals_masked_xla(mean_len, max_segments, heads):
-    """Short and long documents, GQA and MHA, and (mean 20, 8 slots) rows with more documents
-    than slots, which must take the masked path and still be right."""
+    """Short and long documents, GQA and MHA, and (mean 20, 8 slots) a batch with more documents
+    than table slots, which must take the masked path and still be right."""
     b, t = 4, 1024
     seg = _packing(b, t, np.random.default_rng(mean_len), mean_len)
     q, k, v = _qkv(b, t, *heads)
+    fits = bool(attention.segment_info(seg, max_segments).fits)
+    assert fits == (mean_len > 20)
     fast = lambda q, k, v: attention.packed_causal_attention(
         q, k, v, segment_ids=seg, implementation="cudnn", max_segments=max_segments)
     mask = layers.make_attention_mask(seg, seg, causal=True)
@@ -79,3 +81,44 @@ def test_packed_kernel_alone_equals_masked_xla():
                                np.where(valid, np.asarray(ref, np.float32), 0), atol=2e-2)
     assert "cudnn" in jax.jit(lambda q, k, v: attention._cudnn_packed(
         q, k, v, info, seg, 0.125)).lower(q, k, v).as_text().lower()
+
+
+def test_decoder_with_sorted_packed_rows_matches_xla():
+    """The decoder's whole packed route on the GPU (row sort, table, kernel, un-sort) against the
+    dense-mask XLA decoder, on rows with a long tail of short documents."""
+    import dataclasses
+
+    import flax.linen as nn
+
+    from zhchat.models.decoder import DecoderConfig
+    from zhchat.models.decoder_model import DecoderOnlyModel
+
+    cfg = DecoderConfig(vocab_size=256, emb_dim=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=64, mlp_dim=512, dtype="bfloat16", max_segments_per_row=12)
+    rng = np.random.default_rng(5)
+    b, t = 8, 512
+    seg = np.array(_packing(b, t, rng, 200))
+    seg[0] = np.asarray(_packing(1, t, rng, 8))[0]  # one row of ~60 short documents, first
+    pos = np.zeros_like(seg)
+    for r in range(b):
+        for s_id in np.unique(seg[r][seg[r] > 0]):
+            idx = np.nonzero(seg[r] == s_id)[0]
+            pos[r, idx] = np.arange(len(idx))
+    seg = jnp.asarray(seg)
+    assert not bool(attention.segment_info(seg, 12).fits)
+    assert bool(attention.segment_info(attention.permute_rows(seg, attention.sort_rows(seg, 1)),
+                                       12).fits)
+    batch = {"decoder_input_tokens": jnp.asarray(rng.integers(2, 256, (b, t)), jnp.int32),
+             "decoder_target_tokens": jnp.asarray(rng.integers(2, 256, (b, t)), jnp.int32),
+             "decoder_segment_ids": seg, "decoder_positions": jnp.asarray(pos),
+             "decoder_loss_weights": jnp.asarray(seg > 0, jnp.float32)}
+    fast = DecoderOnlyModel(config=cfg)
+    ref = DecoderOnlyModel(config=dataclasses.replace(cfg, attention_impl="xla"))
+    params = nn.unbox(fast.init_params(jax.random.PRNGKey(0), {"decoder_input_tokens": (1, 8)}))
+    vg = lambda m: jax.jit(jax.value_and_grad(lambda p: m.loss_fn(p, batch, None)[0]))
+    (l1, g1), (l2, g2) = vg(fast)(params), vg(ref)(params)
+    np.testing.assert_allclose(l1, l2, rtol=1e-2)
+    for a, r in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.isfinite(a).all()
+        assert np.linalg.norm(a - r) <= 3e-2 * np.linalg.norm(r) + 1e-6
