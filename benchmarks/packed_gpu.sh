@@ -4,7 +4,7 @@
 # Carry .whl/ (gin, grain, array-record, tensorboardX) and the caches named below (built on the CPU
 # side: out/bench/zc100m_lm_{train,validation} are the zero_chatgpt_100m pipeline's lm caches,
 # 2.3 and 3.1 documents a row):
-#   OUT=... bash benchmarks/packed_gpu.sh PART... (tests | step_100m | step_1b | cli | hf)
+#   OUT=... bash benchmarks/packed_gpu.sh PART... (tests | step_100m | step_1b | embed | cli | hf)
 set -u
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- tests step_100m step_1b
@@ -39,6 +39,13 @@ for what in "$@"; do case "$what" in
     run "${w}_real_unsorted" 150 "${tt[@]}" --workload=$w --data="$data" --gin.DecoderConfig.sort_packed_rows=False
     run "${w}_real_masked" 150 "${tt[@]}" --workload=$w --data="$data" "$(segs 2)" \
       --gin.DecoderConfig.sort_packed_rows=False ;;
+  embed)  # the embedding gradient: one-hot matmul (default) against XLA's scatter-add, real rows
+    for w in decoder_100m decoder_1b; do
+      run "${w}_onedoc" 150 "${tt[@]}" --workload=$w --unpacked
+      run "${w}_real" 150 "${tt[@]}" --workload=$w --data="$data" --profile_dir="$out/profiles/${w}_real"
+      run "${w}_real_scatter_embed" 150 "${tt[@]}" --workload=$w --data="$data" \
+        --gin.DecoderConfig.embedding_grad="'scatter'"
+    done ;;
   cli)  # the trainer CLI on the cache: reader, transfers, eval every 100 and checkpoints included
     run cli_decoder_100m 400 python3 -m zhchat.benchmarks.train_cli --run_dir=/tmp/cli_100m \
       --gin_file=models/decoder_100m.gin --gin_file=runs/pretrain.gin \
@@ -48,9 +55,9 @@ for what in "$@"; do case "$what" in
       --gin.train.checkpoint_every=150 --gin.train.progress_bar=False ;;
   hf)  # HF + torch.compile on the same real rows (SDPA with a block-diagonal mask)
     run hf_compile_decoder_100m_real 400 python3 -m zhchat.benchmarks.hf_baseline \
-      --workload=decoder_100m --data="$data" --compile --steps="$steps"
+      --workload=decoder_100m --data="$data" --compile --steps="$steps" --warmup=2
     run hf_compile_decoder_1b_real 400 python3 -m zhchat.benchmarks.hf_baseline \
-      --workload=decoder_1b --data="$data" --compile --steps="$steps" ;;
+      --workload=decoder_1b --data="$data" --compile --steps="$steps" --warmup=2 ;;
   *) echo "unknown part $what" >&2; exit 2 ;;
 esac; done
 # at most 8 files come back: results.jsonl, suite.log, env.txt and one archive of the logs and the

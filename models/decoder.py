@@ -65,6 +65,7 @@ class DecoderConfig:
     remat_policy: str = "none"
     max_segments_per_row: int = 16
     sort_packed_rows: bool = True
+    embedding_grad: str = "one_hot"
     scan_layers: bool = False
     attention_impl: str = "auto"
     max_len: int = 2048
@@ -91,6 +92,8 @@ class DecoderConfig:
             bad("residual_init", f"must be one of {RESIDUAL_INITS}")
         if self.remat_policy not in REMAT_POLICIES:
             bad("remat_policy", f"must be one of {REMAT_POLICIES}")
+        if self.embedding_grad not in layers.EMBEDDING_GRADS:
+            bad("embedding_grad", f"must be one of {layers.EMBEDDING_GRADS}")
         if self.max_segments_per_row < 2:
             bad("max_segments_per_row", "must be >= 2")
         if self.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
@@ -256,7 +259,7 @@ class Decoder(nn.Module):
 
         embed = layers.Embed(num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=dt,
                              param_dtype=pdt, embedding_init=_normal(cfg.init_std),
-                             name="token_embedder")
+                             grad=cfg.embedding_grad, name="token_embedder")
         x = _constrain(embed(tokens), "activation_batch", "activation_length", "activation_embed")
         args = (positions, segment_ids, prefix, kv_mask, segments)
         layer_cls = _layer_class(cfg)

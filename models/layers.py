@@ -104,8 +104,47 @@ class DenseGeneral(nn.Module):
         return y
 
 
+EMBEDDING_GRADS = ("scatter", "one_hot")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def one_hot_grad_take(table: Array, ids: Array, chunk: int) -> Array:
+    """`table[ids]` whose table gradient is a one-hot matmul (chunks of `chunk` tokens, fp32
+    accumulation) instead of XLA's scatter-add: on real text the scatter's atomics collide on
+    frequent ids (padding and BOS 0, punctuation) and serialise."""
+    return jnp.take(table, ids, axis=0)
+
+
+def _one_hot_take_fwd(table, ids, chunk):
+    return jnp.take(table, ids, axis=0), (ids, jnp.zeros((table.shape[0], 0), table.dtype))
+
+
+def _one_hot_take_bwd(chunk, residuals, g):
+    ids, shape_of_table = residuals
+    vocab, dtype = shape_of_table.shape[0], shape_of_table.dtype
+    flat_ids, flat_g = ids.reshape(-1), g.reshape(-1, g.shape[-1])
+    n = flat_ids.shape[0]
+    steps = -(-n // chunk)
+    pad = steps * chunk - n
+    flat_ids = jnp.pad(flat_ids, (0, pad), constant_values=-1)  # -1: a zero one-hot row
+    flat_g = jnp.pad(flat_g, ((0, pad), (0, 0)))
+
+    def body(acc, xs):
+        i, gc = xs
+        hot = jax.nn.one_hot(i, vocab, dtype=gc.dtype)
+        return acc + jnp.einsum("nv,nd->vd", hot, gc, preferred_element_type=jnp.float32), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((vocab, g.shape[-1]), jnp.float32),
+                          (flat_ids.reshape(steps, chunk), flat_g.reshape(steps, chunk, -1)))
+    return acc.astype(dtype), None
+
+
+one_hot_grad_take.defvjp(_one_hot_take_fwd, _one_hot_take_bwd)
+
+
 class Embed(nn.Module):
-    """Token embedding table [vocab, embed]; `attend` computes logits against it (tied output)."""
+    """Token embedding table [vocab, embed]; `attend` computes logits against it (tied output).
+    `grad="one_hot"` computes the table's gradient as a one-hot matmul (`one_hot_grad_take`)."""
 
     num_embeddings: int
     features: int
@@ -113,6 +152,8 @@ class Embed(nn.Module):
     param_dtype: DType = jnp.float32
     embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
     axes: tuple[str, str] = ("vocab", "embed")
+    grad: str = "scatter"
+    grad_chunk: int = 8192
 
     def setup(self):
         self.embedding = self.param(
@@ -122,7 +163,12 @@ class Embed(nn.Module):
     def __call__(self, ids: Array) -> Array:
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"{self.name}: token ids must be integers, got {ids.dtype}")
-        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+        table = jnp.asarray(self.embedding, self.dtype)
+        if self.grad == "one_hot":
+            return one_hot_grad_take(table, ids, self.grad_chunk)
+        if self.grad != "scatter":
+            raise ValueError(f"{self.name}: grad must be one of {EMBEDDING_GRADS}, got {self.grad!r}")
+        return jnp.take(table, ids, axis=0)
 
     def attend(self, query: Array) -> Array:
         """Logits of `query` [..., features] against every embedding: [..., num_embeddings]."""

@@ -121,3 +121,24 @@ def test_attention_implementation_resolution_falls_back_on_cpu():
     q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
     out = layers.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn")
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
+
+
+def test_one_hot_embedding_gradient_equals_the_scatter_gradient():
+    """Repeated ids (as real text has): the one-hot matmul gradient, over several chunks with a
+    padded last one, equals XLA's scatter-add gradient."""
+    from zhchat.models import layers as L
+
+    table = jax.random.normal(jax.random.PRNGKey(0), (50, 8))
+    ids = jnp.asarray(np.random.default_rng(0).choice([0, 0, 0, 3, 7, 49], size=(3, 37)))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 37, 8))
+    loss = lambda take: lambda t: jnp.sum(take(t) * w)  # noqa: E731
+    want = jax.grad(loss(lambda t: jnp.take(t, ids, axis=0)))(table)
+    got = jax.jit(jax.grad(loss(lambda t: L.one_hot_grad_take(t, ids, 16))))(table)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(L.one_hot_grad_take(table, ids, 16), table[ids])
+    emb = L.Embed(num_embeddings=50, features=8, grad="one_hot", grad_chunk=16)
+    params = emb.init(jax.random.PRNGKey(2), ids)
+    g1 = jax.grad(lambda p: jnp.sum(emb.apply(p, ids) * w))(params)
+    g2 = jax.grad(lambda p: jnp.sum(L.Embed(num_embeddings=50, features=8).apply(p, ids) * w))(
+        params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
