@@ -167,6 +167,18 @@ def _write_json(obj, path: str) -> None:
 
 
 @gin.configurable
+def _check_writable(output_dir: str) -> None:
+    """Writes and deletes a probe file, so an unwritable or read-only output folder fails before
+    the pipeline runs (a permission check alone passes for root on a read-only mount)."""
+    probe = FileSystems.join(output_dir, ".write_probe")
+    try:
+        with FileSystems.create(probe) as f:
+            f.write(b"ok")
+        FileSystems.delete([probe])
+    except Exception as e:  # beam wraps OSErrors in its own IOError/BeamIOError
+        raise PermissionError(f"clean_corpus.output_dir {output_dir} is not writable: {e}") from e
+
+
 def clean_corpus(*, sources: Sequence[Source], output_dir: str, root: str = ".",
                  num_shards: int = 8, prefix: str = "cleaned", normalizer: Normalizer | None = None,
                  filters: Sequence[Filter] = (), dedup_config: dedup.DedupConfig | None = None,
@@ -182,6 +194,7 @@ def clean_corpus(*, sources: Sequence[Source], output_dir: str, root: str = ".",
     files = [(rank, src, path) for rank, src in enumerate(sources) for path in src.resolve(root)]
     if not FileSystems.exists(output_dir):
         FileSystems.mkdirs(output_dir)
+    _check_writable(output_dir)
     for old in FileSystems.match([FileSystems.join(output_dir, f"{prefix}-*.jsonl.gz")])[0].metadata_list:
         FileSystems.delete([old.path])
     clusters_path = FileSystems.join(output_dir, "dedup_clusters.json")

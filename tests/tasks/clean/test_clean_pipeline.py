@@ -113,3 +113,21 @@ def test_end_to_end_and_deterministic(corpus, tmp_path):
     _run(root, tmp_path / "b", "in_memory")
     for shard in sorted((tmp_path / "a").glob("cleaned-*.jsonl.gz")):
         assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+
+
+def test_an_unwritable_output_folder_fails_before_the_pipeline(tmp_path, monkeypatch):
+    """A read-only output (simulated: root passes permission checks on a read-only mount) is
+    reported before Beam starts, naming the folder; no pipeline is built."""
+    from apache_beam.io.filesystems import FileSystems
+
+    (tmp_path / "a.jsonl").write_text('{"text": "你好，世界。这是一个测试。"}\n', encoding="utf-8")
+
+    def read_only(path, *a, **k):
+        raise OSError(30, "Read-only file system", path)
+
+    monkeypatch.setattr(FileSystems, "create", staticmethod(read_only))
+    monkeypatch.setattr(pipeline.beam, "Pipeline",
+                        lambda *a, **k: pytest.fail("the pipeline started"))
+    with pytest.raises(PermissionError, match="not writable.*Read-only"):
+        pipeline.clean_corpus(sources=[Source(name="a", files=["a.jsonl"], format="jsonl")],
+                              output_dir=str(tmp_path / "out"), root=str(tmp_path))
