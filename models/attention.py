@@ -7,7 +7,8 @@ earlier tokens of its own document only. `packed_causal_attention` picks, at run
 - the batch's documents fit the segment table (below), on a Hopper GPU -> cuDNN flash attention in
   its packed ("THD") layout: each document's start and length go to the kernel, which skips the
   blocks across documents, so no [len, len] mask is built or read (forward and backward);
-- otherwise (XLA on CPU/TPU too) -> a boolean [batch, 1, len, len] mask from the segment ids.
+- on TPU (or `attention_impl="splash"`) -> splash attention with the segment ids (models/splash.py);
+- otherwise (XLA on CPU too) -> a boolean [batch, 1, len, len] mask from the segment ids.
 
 The choice is a `lax.switch` on facts of the batch computed once per forward (`SegmentInfo`), so
 one compiled step serves every batch. Outputs on padding positions are zero on the packed path and
@@ -35,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zhchat.models import layers
+from zhchat.models import layers, splash
 
 Array = jax.Array
 
@@ -168,6 +169,9 @@ def packed_causal_attention(q: Array, k: Array, v: Array, *, segment_ids: Array,
                             info: SegmentInfo | None = None, implementation: str = "auto",
                             max_segments: int = 16) -> Array:
     """Causal attention of q [b, t, n, h] over k/v [b, t, kv, h] within each row's segments."""
+    impl = layers.resolve_attention_impl(implementation, q.dtype, q.shape[-1])
+    if impl == "splash" and splash.supported(q.shape[1], q.shape[-1]):
+        return splash.splash_causal_attention(q, k, v, segment_ids=segment_ids)
     if info is None:
         info = segment_info(segment_ids, max_segments)
     causal = lambda: layers.dot_product_attention(q, k, v, is_causal=True,

@@ -34,7 +34,7 @@ def readout_init_std(width: int) -> float:
     0.5 at any width and the initial cross-entropy is about ln(vocab) + 0.125 (a std-1 readout
     starts 0.5 nats above ln(vocab), HF T5's std-1.0 one hundreds of nats)."""
     return 0.5 / float(np.sqrt(width))
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 def _canonical_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -239,14 +239,26 @@ def _gpu_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _tpu_available() -> bool:
+    try:
+        return jax.default_backend() == "tpu"
+    except RuntimeError:
+        return False
+
+
 def resolve_attention_impl(implementation: str, dtype: DType, head_dim: int) -> str:
-    """Picks "cudnn" or "xla". cuDNN flash attention needs a GPU, bf16/fp16 and head_dim % 8 == 0,
-    head_dim <= 256 (Hopper); anything else runs on XLA (also when "cudnn" is requested)."""
+    """Picks "cudnn", "splash" or "xla". cuDNN flash attention needs a GPU, bf16/fp16 and
+    head_dim % 8 == 0, head_dim <= 256 (Hopper); splash (models/splash.py) head_dim % 128 == 0,
+    chosen by "auto" on TPU and run in interpret mode elsewhere when asked for; anything else runs
+    on XLA (also when the kernel asked for cannot take the inputs)."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
                          f"got {implementation!r}")
     if implementation == "xla":
         return "xla"
+    if implementation == "splash" or (implementation == "auto" and _tpu_available()):
+        return "splash" if head_dim % 128 == 0 else "xla"
     cudnn_ok = (_gpu_available() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
                 and head_dim % 8 == 0 and head_dim <= 256)
     return "cudnn" if cudnn_ok else "xla"
@@ -273,6 +285,15 @@ def dot_product_attention(query: Array, key: Array, value: Array, *, bias: Array
             raise ValueError(f"{name} must be int32, got {lengths.dtype}")
     kwargs = dict(bias=bias, mask=mask, scale=scale, is_causal=is_causal,
                   query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths)
+    if impl == "splash":
+        from zhchat.models import splash
+        if (is_causal and mask is None and bias is None and query_seq_lengths is None
+                and key_value_seq_lengths is None and query.shape[1] == key.shape[1]
+                and splash.supported(query.shape[1], query.shape[-1])):
+            return splash.splash_causal_attention(query, key, value)
+        warn_once(f"splash attention takes causal self-attention without masks or biases of "
+                  f"lengths % 128 == 0; {query.shape} q / {key.shape} kv (bias={bias is not None}, "
+                  f"mask={mask is not None}) uses XLA attention")
     if impl == "cudnn":
         dtype = query.dtype
         if bias is not None:

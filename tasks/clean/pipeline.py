@@ -166,7 +166,6 @@ def _write_json(obj, path: str) -> None:
         f.write(json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8"))
 
 
-@gin.configurable
 def _check_writable(output_dir: str) -> None:
     """Writes and deletes a probe file, so an unwritable or read-only output folder fails before
     the pipeline runs (a permission check alone passes for root on a read-only mount)."""
@@ -179,6 +178,7 @@ def _check_writable(output_dir: str) -> None:
         raise PermissionError(f"clean_corpus.output_dir {output_dir} is not writable: {e}") from e
 
 
+@gin.configurable
 def clean_corpus(*, sources: Sequence[Source], output_dir: str, root: str = ".",
                  num_shards: int = 8, prefix: str = "cleaned", normalizer: Normalizer | None = None,
                  filters: Sequence[Filter] = (), dedup_config: dedup.DedupConfig | None = None,
