@@ -168,18 +168,5 @@ for what in "$@"; do case "$what" in
     echo "   rc=$? $(tail -n 1 "$out/logs/gpu_tests.log")" | tee -a "$out/suite.log" ;;
   *) echo "unknown part $what"; exit 2 ;;
 esac; done
-# at most 8 files come back from a device call: results.jsonl, suite.log, env.txt, and the logs,
-# optimised HLO and perfetto traces in one archive (split into 15 MB parts when larger); the
-# xplane protos stay behind (large)
-for d in "$out"/profiles/*/; do
-  [ -d "$d" ] || continue
-  t=$(find "$d" -name perfetto_trace.json.gz | head -n 1)
-  [ -n "$t" ] && cp "$t" "$out/profiles/$(basename "$d").perfetto_trace.json.gz"
-done
-find "$out/profiles" -mindepth 1 -type d -prune -exec rm -rf {} + 2>/dev/null
-tar czf "$out/bundle.tgz" -C "$out" logs hlo $( [ -d "$out/profiles" ] && echo profiles ) \
-  && rm -rf "$out/logs" "$out/hlo" "$out/profiles"
-if [ "$(stat -c %s "$out/bundle.tgz")" -gt 15000000 ]; then
-  split -b 15000000 -d "$out/bundle.tgz" "$out/bundle.tgz.part" && rm "$out/bundle.tgz"
-fi
+bundle_out "$out" logs hlo profiles  # results.jsonl, suite.log, env.txt stay beside it
 exit 0

@@ -60,13 +60,5 @@ for what in "$@"; do case "$what" in
       --workload=decoder_1b --data="$data" --compile --steps="$steps" --warmup=2 ;;
   *) echo "unknown part $what" >&2; exit 2 ;;
 esac; done
-# at most 8 files come back: results.jsonl, suite.log, env.txt and one archive of the logs and the
-# perfetto traces (the xplane protos stay behind)
-for d in "$out"/profiles/*/; do
-  [ -d "$d" ] || continue
-  t=$(find "$d" -name perfetto_trace.json.gz | head -n 1)
-  [ -n "$t" ] && cp "$t" "$out/profiles/$(basename "$d").perfetto_trace.json.gz"
-done
-find "$out/profiles" -mindepth 1 -type d -prune -exec rm -rf {} + 2>/dev/null
-tar czf "$out/bundle.tgz" -C "$out" logs profiles && rm -rf "$out/logs" "$out/profiles"
+bundle_out "$out" logs profiles  # results.jsonl, suite.log, env.txt stay beside it
 exit 0
