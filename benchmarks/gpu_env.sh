@@ -1,10 +1,9 @@
 # Sourced by the GPU scripts (gpu_suite.sh, packed_gpu.sh, convergence_gpu.sh, ...) from the
-# repository root: makes
-# `zhchat` importable from a plain checkout (the namespace is assembled from symlinks when the
-# package is not installed, as on GPU images without a build toolchain), installs carried wheels
-# from .whl/ when present (gin, grain, array-record: the cache reader), then leaves the shell in
-# /tmp, where the checkout's own zhchat/ folder cannot shadow that namespace. Sets $repo and
-# defines bundle_out.
+# repository root: makes `zhchat` importable from a plain checkout (the namespace is assembled from
+# symlinks when the package is not installed, as on GPU images without a build toolchain), installs
+# carried wheels from .whl/ when present (gin, grain, array-record: the cache reader), then leaves
+# the shell in /tmp, where the checkout's own zhchat/ folder cannot shadow that namespace. Sets
+# $repo and defines bundle_out.
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import grain" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
