@@ -208,6 +208,21 @@ def check_macros(bindings: Sequence[str]) -> None:
                              "given defines or uses it")
 
 
+MACRO_HINTS = {"MODEL": "a model preset defines it, e.g. --gin_file=models/decoder_tiny.gin"}
+
+
+def check_unbound_macros() -> None:
+    """A macro the parsed config uses (`%NAME`) but nothing defines fails when gin evaluates it,
+    as `TypeError: macro() missing ... 'value'` deep in a traceback; this says which, up front."""
+    defined = {scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"}
+    unbound = sorted(_known_macros() - defined)
+    if unbound:
+        hints = "; ".join(f"{m}: {MACRO_HINTS[m]}" for m in unbound if m in MACRO_HINTS)
+        raise GinConfigError(f"gin config error: macro {', '.join(unbound)} is used but never "
+                             "defined (bind it with --gin.NAME=VALUE or add the gin file that "
+                             "defines it)" + (f"; {hints}" if hints else ""))
+
+
 def evaluate_macro(name: str) -> Any:
     """The value of gin macro `name` after parsing, calling it if it is a `@configurable()`
     (e.g. `evaluate_macro("MODEL")` builds the model a preset describes)."""

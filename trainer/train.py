@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--process_id", type=int, default=None)
         args = parser.parse_args(rest)
         gin_cli.parse_gin(files, bindings)
+        gin_cli.check_unbound_macros()
     except gin_cli.GinConfigError as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -44,6 +44,18 @@ def test_config_errors_in_process(args, needle, capsys, monkeypatch):
     assert err.startswith("gin config error:") and needle in err
 
 
+def test_an_unbound_macro_is_named_before_anything_runs(capsys, monkeypatch):
+    """pretrain.gin without a model preset uses %MODEL that nothing defines: one line naming it
+    and where it comes from, exit 2 (was a TypeError traceback from gin's `macro()`)."""
+    monkeypatch.chdir(REPO_ROOT)
+    assert train.main([PRETRAIN]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("gin config error: macro MODEL is used but never defined")
+    assert "models/decoder_tiny.gin" in err
+    assert train.main([TINY, PRETRAIN, "--gin.train.num_steps=%STEPS_TYPO"]) == 2
+    assert "macro STEPS_TYPO is used but never defined" in capsys.readouterr().err
+
+
 def test_gin_files_resolve_from_the_installed_folder(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # neither path exists relative to this cwd
     gin_cli.parse_gin(["models/decoder_tiny.gin", "gin_configs/runs/pretrain.gin"], [])
