@@ -63,6 +63,7 @@ class Checkpointer:
             create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"))
+        self._pending: int | None = None  # the step of the newest save started
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -83,8 +84,9 @@ class Checkpointer:
                 f"checkpoint was written (the last one is {self.directory}/{last}); lower the "
                 "learning rate or restart from it")
         payload = {"per_process": _gather_json(data_state)}
+        self.wait()  # orbax waits for the previous save anyway; a failure is named as its own
+        self._pending = step
         try:
-            self.manager.check_for_errors()  # an earlier asynchronous save that failed
             return self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(payload)), force=True)
         except Exception as e:  # noqa: BLE001  (full disk, read-only folder, lost mount)
@@ -142,14 +144,25 @@ class Checkpointer:
         self.manager.reload()
         return dst
 
+    def check(self) -> None:
+        """Raises if an asynchronous save has failed (non-blocking; the trainer calls it every
+        step, so a full disk or a lost mount stops the run at the next step)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointWriteError(
+                f"the asynchronous save of checkpoint step {self._pending} to {self.directory} "
+                f"failed: {type(e).__name__}: {e}") from e
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed (raising if one failed)."""
         try:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
-            raise CheckpointWriteError(f"a checkpoint save to {self.directory} failed: "
-                                       f"{type(e).__name__}: {e}") from e
+            raise CheckpointWriteError(
+                f"the asynchronous save of checkpoint step {self._pending} to {self.directory} "
+                f"failed: {type(e).__name__}: {e}") from e
 
     def close(self) -> None:
         self.wait()

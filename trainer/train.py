@@ -345,6 +345,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                     writer.write(done, results, prefix="eval")
                     eval_history.append({"step": done, **results})
                 if checkpointer is not None:
+                    checkpointer.check()  # a background save that failed stops the run now
                     checkpointer.save(done, state, data_state)
                 if t_start is not None:
                     t_start += time.perf_counter() - paused
