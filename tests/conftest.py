@@ -52,7 +52,10 @@ VOCAB_SIZE = 3000
 @pytest.fixture(scope="session")
 def spm_models(tmp_path_factory, demo_data_dir) -> dict:
     """{'unigram': path, 'bpe': path} of SentencePiece models trained on the demo corpus."""
-    from zhchat.tasks import vocab
+    import gin
+
+    with gin.unlock_config():  # an earlier test may have finalized (locked) its gin config
+        from zhchat.tasks import vocab
 
     out = tmp_path_factory.mktemp("spm")
     models = {}
@@ -73,7 +76,9 @@ def demo_task(spm_models) -> str:
     """Registers `zh_demo_lm` from gin_configs/tasks/demo_lm.gin with the BPE test tokenizer."""
     import gin
 
-    from zhchat.tasks import lm
+    gin.clear_config()  # also unlocks a config an earlier test finalized
+    with gin.unlock_config():
+        from zhchat.tasks import lm
 
     names = lm.parse_gin(["tasks/demo_lm.gin"], [f"VOCAB_PATH = '{spm_models['bpe']}'"])
     gin.clear_config()  # the task is registered; leave no bindings behind for other tests
