@@ -147,18 +147,16 @@ class Checkpointer:
     def check(self) -> None:
         """Raises if an asynchronous save has failed (non-blocking; the trainer calls it every
         step, so a full disk or a lost mount stops the run at the next step)."""
-        try:
-            self.manager.check_for_errors()
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointWriteError(
-                f"the asynchronous save of checkpoint step {self._pending} to {self.directory} "
-                f"failed: {type(e).__name__}: {e}") from e
+        self._raising_write_errors(self.manager.check_for_errors)
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed (raising if one failed)."""
+        self._raising_write_errors(self.manager.wait_until_finished, self.manager.check_for_errors)
+
+    def _raising_write_errors(self, *calls) -> None:
         try:
-            self.manager.wait_until_finished()
-            self.manager.check_for_errors()
+            for call in calls:
+                call()
         except Exception as e:  # noqa: BLE001
             raise CheckpointWriteError(
                 f"the asynchronous save of checkpoint step {self._pending} to {self.directory} "
