@@ -16,6 +16,7 @@ from typing import Any
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -38,12 +39,19 @@ class CheckpointWriteError(RuntimeError):
 
 
 def params_finite(tree: Any) -> bool:
-    """True when every floating-point array of `tree` is finite (no NaN or inf)."""
-    import jax.numpy as jnp
+    """True when every floating-point array of `tree` is finite (no NaN or inf).
 
+    One compiled program for the whole tree: with several processes, per-leaf reductions are
+    separate cross-process programs that may run in different orders on different hosts and
+    deadlock their collectives."""
     leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")
               and jnp.issubdtype(x.dtype, jnp.floating)]
-    return all(jax.device_get([jnp.all(jnp.isfinite(x)) for x in leaves]))  # one transfer
+    return bool(jax.device_get(_all_finite(leaves))) if leaves else True
+
+
+@jax.jit
+def _all_finite(leaves: list[Any]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 @gin.configurable
