@@ -156,6 +156,9 @@ class Checkpointer:
         """Raises if an asynchronous save has failed (non-blocking; the trainer calls it every
         step, so a full disk or a lost mount stops the run at the next step)."""
         self._raising_write_errors(self.manager.check_for_errors)
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()  # the save has ended: joining it is immediate and raises its failure
+            # (orbax's finalize thread keeps a commit failure until it is joined)
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed (raising if one failed)."""

@@ -54,6 +54,21 @@ def close_quietly(writer: Any, checkpointer: Any) -> None:
                 pass
 
 
+def exit_after_write_error() -> None:
+    """Prints the checkpoint write error being handled and ends the process at once (exit 1).
+
+    When a save fails before its folder exists (a read-only or lost mount), orbax's background
+    signalling threads wait forever for that save, and a normal interpreter exit joins them: the
+    run would print its error and then hang."""
+    import os
+    import traceback
+
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 class Preemption:
     """SIGTERM (what TPU, Kubernetes and SLURM send before preempting) sets `requested`; the loop
     then stops after the current step and the final synchronous checkpoint is written."""

@@ -1,0 +1,72 @@
+"""A checkpoint folder that turns read-only mid-run, for real: the trainer CLI runs in a private
+mount namespace where its checkpoint folder is a bind mount; once checkpoint 5 is committed the
+mount is remounted read-only (every later write fails with EROFS, as on a lost or remounted
+volume). The run must stop non-zero as soon as the failed save reports, naming the checkpoint and
+the OS error, never hang; a restart (the folder writable again) resumes from checkpoint 5."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from test_kill_resume import _command
+
+# Runs the trainer in the background, remounts its checkpoint folder read-only once step 5 is
+# committed (orbax renames a finished step's temporary folder to "5"), then waits for it.
+_SCRIPT = r"""
+set -u
+ck="$1"; shift
+mount --bind "$ck" "$ck" || exit 97
+"$@" & pid=$!
+while kill -0 "$pid" 2>/dev/null && [ ! -d "$ck/5" ]; do sleep 0.005; done
+mount -o remount,ro,bind "$ck" || { kill "$pid"; exit 98; }
+echo "REMOUNTED read-only" >&2
+wait "$pid"
+"""
+
+
+def _mount_namespaces_work(tmp_path) -> str | None:
+    """None when a private read-only bind mount can be made here, else why not."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return "no unshare/mount binaries"
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    proc = subprocess.run(["unshare", "-m", "sh", "-c",
+                           f"mount --bind {probe} {probe} && mount -o remount,ro,bind {probe} && "
+                           f"! touch {probe}/x 2>/dev/null"], capture_output=True, text=True)
+    return None if proc.returncode == 0 else f"no private read-only mounts: {proc.stderr[-200:]}"
+
+
+def test_a_checkpoint_folder_turned_read_only_mid_run_stops_it_loudly(tmp_path):
+    why = _mount_namespaces_work(tmp_path)
+    if why:
+        pytest.skip(why)
+    run_dir = tmp_path / "run"
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    command = [a.replace("NUM_STEPS=40", "NUM_STEPS=400") for a in _command(run_dir)]
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", _SCRIPT, "sh", str(ckpt_dir), *command],
+                          capture_output=True, text=True, timeout=300)
+    assert "REMOUNTED read-only" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode not in (0, 97, 98), proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "CheckpointWriteError" in ln]
+    assert errors, proc.stderr[-3000:]
+    assert "Read-only file system" in errors[-1], errors[-1]
+    failed = int(errors[-1].split("checkpoint step ")[1].split()[0])
+    assert failed > 5 and failed % 5 == 0
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert max(steps) <= failed + 2  # stopped within a step or two, not run on unsaved
+    kept = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+    assert 5 in kept and failed not in kept
+
+    more = max(kept) + 2
+    resumed = subprocess.run([a.replace("NUM_STEPS=40", f"NUM_STEPS={more}")
+                              for a in _command(run_dir)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"restored step {max(kept)} from" in resumed.stderr + resumed.stdout
