@@ -78,14 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     except gin_cli.GinConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    if argv[0] == "ppo":
-        from zhchat.rl import ppo
-        out = ppo.train_ppo()
-        print(f"finished PPO at iteration {out['iteration']}", flush=True)
-        return 0
-    from zhchat.trainer.train import train
-    rl_stage()
-    summary = train()
+    from zhchat.trainer import checkpoints, faults
+    try:
+        if argv[0] == "ppo":
+            from zhchat.rl import ppo
+            out = ppo.train_ppo()
+            print(f"finished PPO at iteration {out['iteration']}", flush=True)
+            return 0
+        from zhchat.trainer.train import train
+        rl_stage()
+        summary = train()
+    except checkpoints.CheckpointWriteError:
+        faults.exit_after_write_error()
     print(f"finished at step {summary['step']}, loss {summary['loss']:.4f}", flush=True)
     return 0
 
