@@ -1,8 +1,9 @@
-"""A checkpoint folder that turns read-only mid-run, for real: the trainer CLI runs in a private
-mount namespace where its checkpoint folder is a bind mount; once checkpoint 5 is committed the
-mount is remounted read-only (every later write fails with EROFS, as on a lost or remounted
-volume). The run must stop non-zero as soon as the failed save reports, naming the checkpoint and
-the OS error, never hang; a restart (the folder writable again) resumes from checkpoint 5."""
+"""Real mounts, no patched writers: the trainer CLI runs in a private mount namespace where
+- its checkpoint folder is remounted read-only once checkpoint 5 is committed (every later write
+  fails with EROFS, as on a lost or remounted volume), or
+- its whole run folder is a 2 MiB tmpfs (checkpoints, metrics and TensorBoard fill it: ENOSPC).
+Each run must stop non-zero within two steps of the failed save, naming the checkpoint and the OS
+error, and never hang; after the read-only case a restart resumes from checkpoint 5."""
 
 from __future__ import annotations
 
@@ -70,3 +71,36 @@ def test_a_checkpoint_folder_turned_read_only_mid_run_stops_it_loudly(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"restored step {max(kept)} from" in resumed.stderr + resumed.stdout
+
+
+# The run folder on a small tmpfs; what the run wrote is copied out before the mount goes away.
+_FULL_DISK = r"""
+run="$1"; keep="$2"; shift 2
+mount -t tmpfs -o size=2m tmpfs "$run" || exit 97
+"$@"; rc=$?
+df -k "$run" | tail -1 >&2
+cp "$run/metrics.jsonl" "$keep/" 2>/dev/null
+ls "$run/checkpoints" > "$keep/checkpoints.txt" 2>/dev/null
+exit $rc
+"""
+
+
+def test_a_full_disk_stops_the_run_loudly(tmp_path):
+    why = _mount_namespaces_work(tmp_path)
+    if why:
+        pytest.skip(why)
+    run_dir, keep = tmp_path / "run", tmp_path / "keep"
+    run_dir.mkdir()
+    keep.mkdir()
+    command = [a.replace("NUM_STEPS=40", "NUM_STEPS=2000") for a in _command(run_dir)]
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", _FULL_DISK, "sh", str(run_dir), str(keep),
+                           *command], capture_output=True, text=True, timeout=300)
+    assert proc.returncode not in (0, 97), proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "CheckpointWriteError" in ln]
+    assert errors and "No space left on device" in errors[-1], proc.stderr[-3000:]
+    failed = int(errors[-1].split("checkpoint step ")[1].split()[0])
+    with open(keep / "metrics.jsonl", encoding="utf-8") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert failed <= max(steps) <= failed + 2
+    kept = (keep / "checkpoints.txt").read_text().split()
+    assert str(failed) not in kept  # the failed step was never committed
