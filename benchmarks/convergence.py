@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import gin
 import numpy as np
 
-from zhchat.trainer import gin_cli
+from zhchat.gin_configs import cli as gin_cli
 
 RECIPE_FILE = "runs/pretrain.gin"
 SYSTEMS = ("ours", "hf")

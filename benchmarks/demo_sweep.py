@@ -88,7 +88,7 @@ def samples(pipeline, ctx) -> dict:
 
 def run_t5_variant(name: str, *, data_dir: str, out: str, steps_scale: float) -> dict:
     from zhchat.scripts import demo, pipeline
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
 
     steps, batch, lr = T5_VARIANTS[name]
     steps = max(int(steps * steps_scale), 10)
@@ -111,7 +111,7 @@ def run_t5_variant(name: str, *, data_dir: str, out: str, steps_scale: float) ->
 
 def run_variant(name: str, *, data_dir: str, out: str, steps_scale: float) -> dict:
     from zhchat.scripts import pipeline
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
 
     changes, bindings = VARIANTS[name]
     gin.clear_config()

@@ -1,6 +1,6 @@
 """DPO (Rafailov et al. 2023) as a model wrapper that trainer.train runs like any other.
 
-The batch is rl/preference_data.py's (K = 2: chosen, rejected) plus `reference_log_probs` [b, 2],
+The batch is tasks/preference_reader.py's (K = 2: chosen, rejected) plus `reference_log_probs` [b, 2],
 the frozen reference policy's summed response log-probabilities, added on the fly by
 `with_reference_log_probs` (a wrapper of the data iterator), so the trained parameters are the
 policy's alone. Loss: -log σ(β[(log π_c - log ref_c) - (log π_r - log ref_r)]) (+ conservative label

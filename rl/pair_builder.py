@@ -1,5 +1,5 @@
 """Zero-Chatgpt's preference pairs: for each SFT dialogue, chosen = the gold reply, rejected = the
-SFT model's own reply to the same history, written as jsonl that rl/preference_data.py reads:
+SFT model's own reply to the same history, written as jsonl that tasks/preference_reader.py reads:
 {"id", "prompt": [messages], "chosen": str, "rejected": str}.
 
 Generation batches prompts through the wrapper's jitted KV-cache sampler (decoder: left-padded

@@ -222,7 +222,7 @@ def load_session(args: argparse.Namespace, gin_files: list[str], bindings: list[
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None,
          stdout: TextIO | None = None) -> int:
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
     gin_files, bindings, rest = gin_cli.split_gin_args(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m zhchat.scripts.chat", description=__doc__.split("\n")[0])
     p.add_argument("--run_dir", required=True)

@@ -50,7 +50,7 @@ def _config(args: argparse.Namespace, bindings: list[str]) -> Any:
     """The demo preset's PipelineConfig, with --gin.PipelineConfig.X=Y, --out_dir, --quick and the
     SFT data's presence."""
     from zhchat.scripts import pipeline
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
 
     gin.clear_config()
     gin_cli.parse_gin([PRESET], bindings)
@@ -124,7 +124,8 @@ def run_t5(pipeline: Any, cfg: Any, steps: int, batch_size: int, peak_lr: float 
     import jax
 
     from zhchat.models.encdec_model import fill_spans
-    from zhchat.trainer import gin_cli, train
+    from zhchat.gin_configs import cli as gin_cli
+    from zhchat.trainer import train
 
     ctx = pipeline.Context(cfg)
     gin.clear_config()
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="every stage with fewer steps (CI runs this after a fresh install)")
     p.epilog = "Settings: --gin.PipelineConfig.pretrain_steps=600 (fields in scripts/pipeline/config.py)."
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
 
     files, bindings, rest = gin_cli.split_gin_args(sys.argv[1:] if argv is None else list(argv))
     if files:

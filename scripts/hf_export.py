@@ -81,7 +81,8 @@ def export_run(run_dir: str, vocab: str, out_dir: str, *, step: int | None = Non
 
     from zhchat.scripts import hf_tokenizer
     from zhchat.trainer import checkpoints as ckpt_lib
-    from zhchat.trainer import gin_cli, partitioning
+    from zhchat.gin_configs import cli as gin_cli
+    from zhchat.trainer import partitioning
 
     config, ckpt_dir = os.path.join(run_dir, "config.gin"), os.path.join(run_dir, "checkpoints")
     for path, what in ((run_dir, "run directory"), (config, "run config"),
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from zhchat.trainer.gin_cli import GinConfigError
+    from zhchat.gin_configs.cli import GinConfigError
     try:
         summary = export_run(args.run_dir, args.vocab, args.out, step=args.step,
                              overwrite=args.overwrite)

@@ -53,7 +53,8 @@ def load(run_dir: str | None, checkpoint_dir: str | None, gin_files: list[str],
     import jax
 
     from zhchat.trainer import checkpoints as ckpt_lib
-    from zhchat.trainer import gin_cli, partitioning
+    from zhchat.gin_configs import cli as gin_cli
+    from zhchat.trainer import partitioning
 
     files = list(gin_files)
     if run_dir and not files:
@@ -71,7 +72,7 @@ def load(run_dir: str | None, checkpoint_dir: str | None, gin_files: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
 
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from zhchat.tasks import cache_reader, lm
-from zhchat.trainer import gin_cli
+from zhchat.gin_configs import cli as gin_cli
 from zhchat.tasks.vocabulary import Vocabulary
 
 

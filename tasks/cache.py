@@ -27,7 +27,7 @@ import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from zhchat.tasks import cache_reader, lm
-from zhchat.trainer import gin_cli
+from zhchat.gin_configs import cli as gin_cli
 
 CONVERTERS = {
     "decoder": lambda: seqio.DecoderFeatureConverter(pack=True),

@@ -172,10 +172,10 @@ def feature_lengths_arg(text: str) -> dict[str, int]:
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> list[str]:
     """Parses gin files (paths, or relative to gin_configs/) and bindings; registers gin tasks.
 
-    Uses the trainer's gin command line (`zhchat.trainer.gin_cli`) conventions: files are looked up
+    Uses the shared gin command line's (`zhchat.gin_configs.cli`) conventions: files are looked up
     in the cwd, then in gin_configs/.
     """
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
 
     for path in gin_cli.gin_search_paths():
         gin.add_config_file_search_path(path)

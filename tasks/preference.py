@@ -1,6 +1,6 @@
 """SeqIO preference tasks: (prompt, chosen, rejected) or K-wise ranked lists from jsonl.
 
-The records are read and chat-formatted by the TF-free rl/preference_data.py (same skips, same
+The records are read and chat-formatted by the TF-free tasks/preference_reader.py (same skips, same
 tokens), so `seqio.get_mixture_or_task(name).get_dataset(...)` and the reward-model / DPO training
 batches agree. Features: `inputs` (history + generation prompt), `chosen` and `rejected` (reply +
 <|im_end|> + EOS; K-wise lists give `chosen` = the best and `rejected` = the next ranked reply,
@@ -18,7 +18,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from zhchat.rl import preference_data
+from zhchat.tasks import preference_reader
 from zhchat.tasks.sft import python_vocabulary
 
 SPLITS = ("train", "validation")
@@ -34,7 +34,7 @@ def register_preference_task(*, name: str = gin.REQUIRED, files: str | Sequence[
         del shuffle_files, seed
         if split not in SPLITS:
             raise ValueError(f"task {name!r} has splits {SPLITS}, not {split!r}")
-        examples = preference_data.PreferenceExamples(
+        examples = preference_reader.PreferenceExamples(
             files=files, vocab=python_vocabulary(vocabulary), max_prompt_len=max_prompt_len,
             max_response_len=max_response_len, max_responses=max_responses, split=split)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from zhchat.trainer import checkpoints as ckpt_lib
 from zhchat.trainer import faults
-from zhchat.trainer import gin_cli
+from zhchat.gin_configs import cli as gin_cli
 from zhchat.trainer import metrics as metrics_lib
 from zhchat.trainer import optimizers
 from zhchat.trainer import partitioning

@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from zhchat.scripts.infer import load
     from zhchat.tasks import sources
     from zhchat.tasks.vocabulary import Vocabulary
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
 
     p = argparse.ArgumentParser(prog="python -m zhchat.scripts.evaluate", description=__doc__)
     p.add_argument("--run_dir", help="a training run (its config.gin and checkpoints/)")
@@ -139,7 +139,7 @@ def _rl_suites(args, model, params, vocab, counter) -> dict:
     out = {}
     if args.rm_checkpoint:
         from zhchat.rl.cli import load_params
-        from zhchat.rl.preference_data import PreferenceExamples, _pad
+        from zhchat.tasks.preference_reader import PreferenceExamples, _pad
         from zhchat.rl.reward_model import RewardModel
 
         rm = RewardModel(backbone=model)

@@ -17,7 +17,7 @@ def reward_model_accuracy(rm: Any, rm_params: Any, examples: Sequence[dict], *,
     and the mean margin (as the trainer's held-out RM metrics)."""
     import jax
 
-    from zhchat.rl.preference_data import collate
+    from zhchat.tasks.preference_reader import collate
 
     rewards_fn = jax.jit(rm.rewards)
     diffs = []

@@ -123,7 +123,8 @@ def run(cfg: PipelineConfig, stages: Sequence[str] = STAGES, force: Sequence[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from zhchat.trainer import checkpoints, faults, gin_cli
+    from zhchat.gin_configs import cli as gin_cli
+    from zhchat.trainer import checkpoints, faults
 
     files, bindings, rest = gin_cli.split_gin_args(sys.argv[1:] if argv is None else list(argv))
     p = argparse.ArgumentParser(prog="python -m zhchat.scripts.pipeline", description=__doc__,

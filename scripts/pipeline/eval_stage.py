@@ -19,7 +19,7 @@ def stage_eval(ctx: Context) -> dict:
     from zhchat.rl import ppo_step, rollout
     from zhchat.rl.reward_model import RewardModel
     from zhchat.rl.cli import load_params
-    from zhchat.rl.preference_data import PreferenceExamples, _pad
+    from zhchat.tasks.preference_reader import PreferenceExamples, _pad
 
     cfg = ctx.cfg
     vocab = vocabulary(ctx)

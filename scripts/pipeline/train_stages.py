@@ -13,7 +13,8 @@ from zhchat.scripts.pipeline.config import Context, vocabulary
 
 
 def _train(gin_files: list[str], bindings: list[str]) -> dict:
-    from zhchat.trainer import gin_cli, train
+    from zhchat.gin_configs import cli as gin_cli
+    from zhchat.trainer import train
 
     gin.clear_config()
     gin_cli.parse_gin(gin_files, bindings)
@@ -94,7 +95,7 @@ def stage_sft(ctx: Context) -> dict:
 def model_and_params(ctx: Context, checkpoints: str, *, under: tuple[str, ...] = ()
                       ) -> tuple[Any, Any]:
     from zhchat.rl.cli import load_params
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
 
     gin.clear_config()
     gin_cli.parse_gin([ctx.cfg.model_gin], _vocab_size_binding(ctx))
@@ -139,7 +140,8 @@ def _rl_bindings(ctx: Context) -> list[str]:
 
 def stage_rm(ctx: Context) -> dict:
     from zhchat.rl import cli as rl_cli
-    from zhchat.trainer import gin_cli, train
+    from zhchat.gin_configs import cli as gin_cli
+    from zhchat.trainer import train
 
     cfg = ctx.cfg
     n_val = sum(_count_lines(f) // 10 for f in _preference_files(ctx))  # every 10th record
@@ -171,7 +173,7 @@ def _count_lines(path: str) -> int:
 
 def stage_ppo(ctx: Context) -> dict:
     from zhchat.rl import ppo
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
 
     cfg = ctx.cfg
     gin.clear_config()

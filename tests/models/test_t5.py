@@ -71,7 +71,7 @@ def test_relative_position_bias_module_uses_key_minus_query():
 @pytest.mark.parametrize("size,published", [("small", 77e6), ("base", 248e6), ("large", 783e6),
                                             ("xl", 2.85e9), ("xxl", 11.3e9)])
 def test_presets_match_published_sizes(size, published):
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
 
     gin.clear_config()
     try:

@@ -13,7 +13,8 @@ import jax
 import pytest
 
 from zhchat.models.encdec_model import EncoderDecoderModel, fill_spans
-from zhchat.trainer import gin_cli, partitioning, train
+from zhchat.gin_configs import cli as gin_cli
+from zhchat.trainer import partitioning, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 NUM_STEPS = 200

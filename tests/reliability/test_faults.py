@@ -16,7 +16,8 @@ import gin
 import numpy as np
 import pytest
 
-from zhchat.trainer import gin_cli, optimizers, partitioning, synthetic_data, train
+from zhchat.gin_configs import cli as gin_cli
+from zhchat.trainer import optimizers, partitioning, synthetic_data, train
 
 VOCAB = 256
 

@@ -26,7 +26,7 @@ def tiny_t5(vocab: int = VOCAB):
 
 
 def synthetic_pairs(n: int, seed: int, *, prompt_len: int = 6, response_len: int = 8) -> list[dict]:
-    """Preference examples (rl/preference_data.py's form) whose chosen response carries PLANTED
+    """Preference examples (tasks/preference_reader.py's form) whose chosen response carries PLANTED
     once and whose rejected one never does; both end with EOS = 1."""
     rng = np.random.default_rng(seed)
     out = []

@@ -9,7 +9,8 @@ import numpy as np
 import optax
 
 from rl_helpers import synthetic_pairs, tiny_decoder, tiny_t5
-from zhchat.rl import dpo, preference_data
+from zhchat.tasks import preference_reader
+from zhchat.rl import dpo
 from zhchat.trainer import partitioning
 from zhchat.trainer.train import train
 
@@ -20,7 +21,7 @@ def _data(encdec):
         examples = synthetic_pairs(256, 0)
         while True:
             idx = rng.choice(len(examples), batch_size, replace=False)
-            yield preference_data.collate([examples[i] for i in idx], encoder_decoder=encdec,
+            yield preference_reader.collate([examples[i] for i in idx], encoder_decoder=encdec,
                                           prompt_len=6, response_len=8, num_responses=2)
     return factory
 

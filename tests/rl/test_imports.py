@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 MODULES = ["cli", "dpo", "gae", "heads", "kl_controller", "losses", "pair_builder", "ppo",
-           "ppo_step", "preference_data", "reward_model", "rollout", "warm_start"]
+           "ppo_step", "reward_model", "rollout", "warm_start"]
 
 
 def test_rl_imports_no_tensorflow_or_seqio():

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from rl_helpers import tiny_decoder
-from zhchat.rl import pair_builder, preference_data
+from zhchat.tasks import preference_reader
+from zhchat.rl import pair_builder
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_shared_pairs_and_bad_records(vocab, shared_data_dir, tmp_path):
             {"prompt": "评分", "responses": ["好", "差"], "scores": [4.0, 1.0]}]
     bad.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n{not json\n",
                    encoding="utf-8")
-    ex = preference_data.PreferenceExamples(
+    ex = preference_reader.PreferenceExamples(
         files=[str(shared_data_dir / "preference" / "dpo_zh_500.jsonl"), str(bad)], vocab=vocab,
         max_prompt_len=128, max_response_len=64, max_responses=3)
     skips = ex.skips.as_dict()
@@ -45,7 +46,7 @@ def test_shared_pairs_and_bad_records(vocab, shared_data_dir, tmp_path):
     assert len(ex) + ex.skips.total == 400 + 6 and len(ex) > 150 and ex.truncated > 0
     assert sum(len(e["responses"]) == 3 for e in ex.examples) == 1
     assert any(e["scores"] == [4.0, 1.0] for e in ex.examples)
-    batch = next(preference_data.make_preference_iterator(examples=ex, batch_size=4, num_responses=3))
+    batch = next(preference_reader.make_preference_iterator(examples=ex, batch_size=4, num_responses=3))
     assert batch["decoder_input_tokens"].shape == (4, 3, 128 + 64)
     assert batch["lm_target_tokens"].shape == (4, 3, 192)
     for row, w, tgt, inp in zip(batch["decoder_input_tokens"][:, 0], batch["lm_loss_weights"][:, 0],
@@ -54,7 +55,7 @@ def test_shared_pairs_and_bad_records(vocab, shared_data_dir, tmp_path):
         np.testing.assert_array_equal(tgt[:n], row[:n])
         np.testing.assert_array_equal(inp[1:n], row[:n - 1])
         assert w[n - 1] == 1 and w[0] == 0 and w[n:].sum() == 0
-    t5 = preference_data.collate(ex.examples[:2], encoder_decoder=True, prompt_len=128,
+    t5 = preference_reader.collate(ex.examples[:2], encoder_decoder=True, prompt_len=128,
                                  response_len=64, num_responses=2)
     assert t5["encoder_input_tokens"].shape == (2, 128) and t5["decoder_input_tokens"][0, 0, 0] == 0
 
@@ -76,6 +77,6 @@ def test_pair_builder_writes_gold_vs_generated(vocab, tmp_path):
     assert len(lines) == out["pairs"] and all(x["chosen"] != x["rejected"] for x in lines)
     assert {x["id"] for x in lines} <= {f"d{i}" for i in range(5)}
     if lines:  # the builder's output is valid preference data
-        ex = preference_data.PreferenceExamples(files=str(tmp_path / "pairs.jsonl"), vocab=vocab,
+        ex = preference_reader.PreferenceExamples(files=str(tmp_path / "pairs.jsonl"), vocab=vocab,
                                                 max_prompt_len=32, max_response_len=16)
         assert len(ex) == len(lines)

@@ -8,7 +8,7 @@ from test_preference_data import vocab  # noqa: F401  (module fixture)
 def test_seqio_preference_task_matches_reader(vocab, shared_data_dir):  # noqa: F811
     import seqio
 
-    from zhchat.rl import preference_data
+    from zhchat.tasks import preference_reader
     from zhchat.tasks import preference
 
     files = [str(shared_data_dir / "preference" / "dpo_zh_500.jsonl")]
@@ -18,7 +18,7 @@ def test_seqio_preference_task_matches_reader(vocab, shared_data_dir):  # noqa: 
         max_response_len=64)
     ds = seqio.get_mixture_or_task(name).get_dataset(None, split="validation", shuffle=False)
     got = list(ds.as_numpy_iterator())
-    ref = preference_data.PreferenceExamples(files=files, vocab=vocab, max_prompt_len=128,
+    ref = preference_reader.PreferenceExamples(files=files, vocab=vocab, max_prompt_len=128,
                                              max_response_len=64, split="validation")
     assert len(got) == len(ref) > 5
     for g, r in zip(got, ref.examples):

@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from rl_helpers import PLANTED, synthetic_pairs, tiny_decoder, tiny_t5
-from zhchat.rl import preference_data, reward_model, warm_start
+from zhchat.tasks import preference_reader
+from zhchat.rl import reward_model, warm_start
 from zhchat.trainer import partitioning
 from zhchat.trainer.train import train
 
@@ -20,7 +21,7 @@ def _batches(examples, batch_size, encdec, seed=0):
     rng = np.random.default_rng(seed)
     while True:
         idx = rng.choice(len(examples), batch_size, replace=False)
-        yield preference_data.collate([examples[i] for i in idx], encoder_decoder=encdec,
+        yield preference_reader.collate([examples[i] for i in idx], encoder_decoder=encdec,
                                       prompt_len=6, response_len=8, num_responses=2)
 
 
@@ -38,7 +39,7 @@ def check_learns_planted_feature(arch, tmp_path):
     assert ev["margin"] > 1.0
     assert out["history"][-1]["loss"] < 0.5 * out["history"][0]["loss"]
     # the trained model scores a chosen response above its rejected one, row by row
-    batch = preference_data.collate(synthetic_pairs(16, 2), encoder_decoder=encdec, prompt_len=6,
+    batch = preference_reader.collate(synthetic_pairs(16, 2), encoder_decoder=encdec, prompt_len=6,
                                     response_len=8, num_responses=2)
     r = np.asarray(rm.score_batch(out["state"].params, batch))
     assert r.shape == (16, 2) and (r[:, 0] > r[:, 1]).mean() >= 0.9
@@ -52,7 +53,7 @@ def test_ranking_and_direct_losses_use_all_pairs():
     rm = reward_model.RewardModel(backbone=tiny_decoder(layers=1), loss="ranking")
     ex = [{"prompt": [9, 10], "responses": [[11, 1], [12, 1], [13, 1]], "scores": [3.0, 2.0, 1.0]},
           {"prompt": [9], "responses": [[14, 1], [15, 1]], "scores": [1.0, 0.0]}]
-    batch = preference_data.collate(ex, encoder_decoder=False, prompt_len=4, response_len=4,
+    batch = preference_reader.collate(ex, encoder_decoder=False, prompt_len=4, response_len=4,
                                     num_responses=3)
     params = nn.unbox(rm.init_params(jax.random.key(0), {"decoder_input_tokens": batch["decoder_input_tokens"].shape}))
     r = np.asarray(jax.jit(rm.rewards)(params, batch))

@@ -22,7 +22,8 @@ VOCAB_SIZE = 3200  # 3000 pieces + 100 sentinels, padded
 def run(tmp_path_factory, demo_data_dir):
     """(run_dir, spm path): tiny decoder trained 3 steps on synthetic data, checkpoint + config.gin."""
     from zhchat.tasks import vocab
-    from zhchat.trainer import gin_cli, train
+    from zhchat.gin_configs import cli as gin_cli
+    from zhchat.trainer import train
     out = tmp_path_factory.mktemp("chat_run")
     vocab.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
                           model_prefix=str(out / "spm"), vocab_size=3000, model_type="bpe",
@@ -64,7 +65,8 @@ def test_stream_equals_greedy_decoding_and_history_grows(run):
     import jax.numpy as jnp
 
     from zhchat.tasks.vocabulary import Vocabulary
-    from zhchat.trainer import checkpoints, gin_cli, partitioning
+    from zhchat.gin_configs import cli as gin_cli
+    from zhchat.trainer import checkpoints, partitioning
     run_dir, spm = run
     gin_cli.parse_gin([str(run_dir / "config.gin")], [])
     model = gin_cli.evaluate_macro("MODEL")

@@ -13,7 +13,8 @@ import pytest
 from zhchat.scripts.evaluate import cli, scoring, suites
 from zhchat.tasks import eval_sets, sources
 from zhchat.tasks.vocabulary import Vocabulary
-from zhchat.trainer import gin_cli, train
+from zhchat.gin_configs import cli as gin_cli
+from zhchat.trainer import train
 
 VOCAB = 3200  # the 3000-piece test tokenizer + 100 sentinels, padded
 
@@ -218,7 +219,7 @@ def test_reward_accuracy_and_policy_against_itself(spm_models, tmp_path):
     """RM accuracy from batched rewards equals the per-pair comparison; a policy judged against
     itself (same params, same seed) has KL 0 and wins no prompt; prompt files count bad lines."""
     from zhchat.rl import rollout
-    from zhchat.rl.preference_data import _pad
+    from zhchat.tasks.preference_reader import _pad
     from zhchat.rl.reward_model import RewardModel
     from zhchat.scripts.evaluate import rl_suites
 

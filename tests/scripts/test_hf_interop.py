@@ -210,7 +210,8 @@ def test_unconvertible_hf_models_are_refused_with_the_reason():
 @pytest.fixture(scope="module")
 def decoder_run(tmp_path_factory):
     """A tiny decoder trained 2 steps on synthetic data: run dir with config.gin + checkpoint."""
-    from zhchat.trainer import gin_cli, train
+    from zhchat.gin_configs import cli as gin_cli
+    from zhchat.trainer import train
     run_dir = str(tmp_path_factory.mktemp("hf_run") / "run")
     gin.clear_config()
     gin_cli.parse_gin(["models/decoder_tiny.gin", "runs/pretrain.gin", "runs/synthetic_data.gin"],

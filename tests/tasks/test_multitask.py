@@ -134,7 +134,7 @@ class _Oracle:
 def test_seqio_eval_scores_generations_with_the_task_metrics(prompt_tasks, spm_models):
     from zhchat.models.decoder_model import DecoderOnlyModel
     from zhchat.tasks import seqio_eval, sft
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
     examples = list(sft.iter_examples("zh_prompt_eprstmt", "validation", log=False))[:24]
     oracle = _Oracle({tuple(e["inputs"]): e["targets"] for e in examples})
     perfect = seqio_eval.evaluate_task("zh_prompt_eprstmt", model=oracle, params=None,

@@ -17,7 +17,7 @@ def tiny_decoder(vocab_size: int = 256):
     """The real DecoderOnlyModel with the tiny preset (fp32), its vocabulary cut to `vocab_size`
     to keep CPU tests fast."""
     import gin
-    from zhchat.trainer import gin_cli
+    from zhchat.gin_configs import cli as gin_cli
     gin.clear_config()
     gin_cli.parse_gin(["models/decoder_tiny.gin"], [f"VOCAB_SIZE = {vocab_size}"])
     model = gin_cli.evaluate_macro("MODEL")

@@ -8,7 +8,8 @@ import gin
 import pytest
 
 from conftest import REPO_ROOT
-from zhchat.trainer import gin_cli, train
+from zhchat.gin_configs import cli as gin_cli
+from zhchat.trainer import train
 
 TINY = "--gin_file=gin_configs/models/decoder_tiny.gin"
 PRETRAIN = "--gin_file=gin_configs/runs/pretrain.gin"

@@ -14,7 +14,8 @@ import math
 
 from conftest import REPO_ROOT
 from zhchat.tasks.baselines import unigram_baseline
-from zhchat.trainer import gin_cli, train
+from zhchat.gin_configs import cli as gin_cli
+from zhchat.trainer import train
 
 NUM_STEPS = 200
 

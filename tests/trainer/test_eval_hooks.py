@@ -4,7 +4,8 @@ import gin
 import jax
 import numpy as np
 
-from zhchat.trainer import gin_cli, train
+from zhchat.gin_configs import cli as gin_cli
+from zhchat.trainer import train
 
 
 def test_eval_hooks_run_every_eval_every_steps_with_current_params(tmp_path):

@@ -6,7 +6,7 @@ import pathlib
 import gin
 import pytest
 
-from zhchat.trainer import gin_cli
+from zhchat.gin_configs import cli as gin_cli
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin_configs"
 FILES = sorted(str(p.relative_to(GIN_DIR)) for p in GIN_DIR.rglob("*.gin"))

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from zhchat.benchmarks import convergence, hf_trainer  # noqa: E402
-from zhchat.trainer import gin_cli, optimizers, partitioning, train  # noqa: E402
+from zhchat.gin_configs import cli as gin_cli
+from zhchat.trainer import optimizers, partitioning, train  # noqa: E402
 
 STEPS = 30
 

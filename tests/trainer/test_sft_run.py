@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, tiny_decoder
-from zhchat.trainer import gin_cli, train
+from zhchat.gin_configs import cli as gin_cli
+from zhchat.trainer import train
 
 NUM_STEPS = 90
 INPUTS, TARGETS = 64, 64

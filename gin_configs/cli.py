@@ -4,6 +4,11 @@ Gin files resolve relative to the cwd or to the installed `zhchat/gin_configs` f
 `models/x.gin` and `gin_configs/models/x.gin` work). Configurables must be registered before parsing
 for gin to reject typos, so `import_configurables` imports every module that defines them.
 A bad file or binding becomes a `GinConfigError` carrying one concise message.
+
+This is the neutral wiring module every floor may use (tasks, trainer, rl and scripts CLIs): it
+imports no zhchat code. The configurable modules it names are imported only by `parse_gin`, which
+the trainer-and-above CLIs call; data and model modules use only the argument and macro helpers
+(tests/architecture/test_import_flow.py holds both rules).
 """
 
 from __future__ import annotations
