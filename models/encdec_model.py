@@ -22,7 +22,7 @@ import numpy as np
 
 from zhchat.models import encdec_decoding, stacks
 from zhchat.models.base_model import Batch, BaseModel, Params
-from zhchat.models.decoder_model import cross_entropy_with_logits, weighted_token_loss
+from zhchat.models.losses import cross_entropy_with_logits, weighted_token_loss
 from zhchat.models.t5 import T5, T5Config
 
 _REQUIRED = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",

@@ -17,8 +17,8 @@ import gin
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zhchat.trainer import checkpoints as ckpt_lib
 from zhchat.gin_configs import cli as gin_cli
+from zhchat.trainer import checkpoints as ckpt_lib
 from zhchat.trainer import optimizers, partitioning
 
 if __name__ == "__main__":  # run the importable module so gin registers the configurables once

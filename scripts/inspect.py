@@ -18,8 +18,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from zhchat.tasks import cache_reader, lm
 from zhchat.gin_configs import cli as gin_cli
+from zhchat.tasks import cache_reader, lm
 from zhchat.tasks.vocabulary import Vocabulary
 
 

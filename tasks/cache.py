@@ -26,8 +26,8 @@ import seqio
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from zhchat.tasks import cache_reader, lm
 from zhchat.gin_configs import cli as gin_cli
+from zhchat.tasks import cache_reader, lm
 
 CONVERTERS = {
     "decoder": lambda: seqio.DecoderFeatureConverter(pack=True),

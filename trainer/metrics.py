@@ -14,18 +14,20 @@ import jax
 import numpy as np
 import tqdm
 
-H100_BF16_PEAK_FLOPS = 989e12
+from zhchat.models import flops as flops_lib
 
 
 def throughput(*, tokens: float, seconds: float, flops_per_token: float, num_devices: int,
-               peak_flops_per_device: float = H100_BF16_PEAK_FLOPS) -> dict[str, float]:
+               peak_flops_per_device: float = flops_lib.H100_BF16_PEAK_FLOPS
+               ) -> dict[str, float]:
     """tokens/s, tokens/s/device, achieved TFLOP/s per device and MFU (achieved / peak)."""
     seconds = max(seconds, 1e-9)
     flops_per_device = tokens * flops_per_token / seconds / num_devices
     return {"tokens_per_sec": tokens / seconds,
             "tokens_per_sec_per_device": tokens / seconds / num_devices,
             "tflops_per_device": flops_per_device / 1e12,
-            "mfu": flops_per_device / peak_flops_per_device}
+            "mfu": flops_lib.mfu(tokens * flops_per_token, seconds, num_devices=num_devices,
+                                 peak_flops_per_device=peak_flops_per_device)}
 
 
 def mean_metrics(window: list[Mapping[str, Any]]) -> dict[str, float]:

@@ -21,9 +21,10 @@ import gin
 import jax
 import numpy as np
 
+from zhchat.gin_configs import cli as gin_cli
+from zhchat.models import flops as flops_lib
 from zhchat.trainer import checkpoints as ckpt_lib
 from zhchat.trainer import faults
-from zhchat.gin_configs import cli as gin_cli
 from zhchat.trainer import metrics as metrics_lib
 from zhchat.trainer import optimizers
 from zhchat.trainer import partitioning
@@ -165,7 +166,7 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
           keep_checkpoints: int | None = 3, async_checkpointing: bool = True,
           run_dir: str | None = None, init_checkpoint_dir: str | None = None,
           eval_hooks: Sequence[Callable[[int, Any], Mapping[str, float]]] = (), seed: int = 0,
-          peak_flops_per_device: float = metrics_lib.H100_BF16_PEAK_FLOPS,
+          peak_flops_per_device: float = flops_lib.H100_BF16_PEAK_FLOPS,
           progress_bar: bool = True, dry_run: bool = False, skip_nonfinite: bool = True,
           max_skipped_steps: int | None = 50, spike_factor: float | None = None,
           max_rollbacks: int = 3) -> dict[str, Any]:

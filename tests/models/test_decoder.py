@@ -10,7 +10,8 @@ import pytest
 
 from zhchat.models import decoder as dec
 from zhchat.models import layers
-from zhchat.models.decoder_model import DecoderOnlyModel, cross_entropy_with_logits
+from zhchat.models.decoder_model import DecoderOnlyModel
+from zhchat.models.losses import cross_entropy_with_logits
 
 TINY = dec.DecoderConfig(vocab_size=61, emb_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                          head_dim=8, mlp_dim=64, dtype="float32")

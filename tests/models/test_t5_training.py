@@ -12,8 +12,8 @@ import gin
 import jax
 import pytest
 
-from zhchat.models.encdec_model import EncoderDecoderModel, fill_spans
 from zhchat.gin_configs import cli as gin_cli
+from zhchat.models.encdec_model import EncoderDecoderModel, fill_spans
 from zhchat.trainer import partitioning, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from zhchat.gin_configs import cli as gin_cli
 from zhchat.scripts.evaluate import cli, scoring, suites
 from zhchat.tasks import eval_sets, sources
 from zhchat.tasks.vocabulary import Vocabulary
-from zhchat.gin_configs import cli as gin_cli
 from zhchat.trainer import train
 
 VOCAB = 3200  # the 3000-piece test tokenizer + 100 sentinels, padded

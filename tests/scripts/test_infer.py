@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from zhchat.scripts import infer
 from zhchat.gin_configs import cli as gin_cli
+from zhchat.scripts import infer
 from zhchat.trainer import train
 
 VOCAB = 3200  # the 3000-piece test tokenizer + 100 sentinels, padded

@@ -13,8 +13,8 @@ import gin
 import math
 
 from conftest import REPO_ROOT
-from zhchat.tasks.baselines import unigram_baseline
 from zhchat.gin_configs import cli as gin_cli
+from zhchat.tasks.baselines import unigram_baseline
 from zhchat.trainer import train
 
 NUM_STEPS = 200

@@ -17,8 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from zhchat.benchmarks import convergence, hf_trainer  # noqa: E402
 from zhchat.gin_configs import cli as gin_cli
+from zhchat.benchmarks import convergence, hf_trainer  # noqa: E402
 from zhchat.trainer import optimizers, partitioning, train  # noqa: E402
 
 STEPS = 30
