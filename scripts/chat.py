@@ -19,9 +19,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
-import numpy as np
 
 from zhchat.tasks import chat_template as ct
 
@@ -36,6 +35,7 @@ class ChatSession:
                  max_context: int | None = None):
         import jax
 
+        from zhchat.models import streaming
         from zhchat.models.decoder_model import DecoderOnlyModel
         self.model, self.params, self.vocab = model, params, vocab
         self.is_decoder = isinstance(model, DecoderOnlyModel)
@@ -52,7 +52,10 @@ class ChatSession:
                              f"context of {self.max_context}")
         self.rng = jax.random.key(seed)
         self.stops = {vocab.im_end_id, vocab.eos_id}
-        self._fns: dict[tuple, Callable] = {}
+        if not self.is_decoder:
+            self.stops.add(vocab.pad_id)  # a T5 pads after its EOS
+        self.streamer = streaming.TokenStreamer(model, temperature=temperature, top_k=top_k,
+                                                top_p=top_p)
 
     def _prompt(self, messages: list[dict]) -> list[int]:
         budget = self.max_context - self.max_new_tokens
@@ -60,72 +63,13 @@ class ChatSession:
             return ct.encode_prompt(self.vocab, messages, max_len=budget)
         return ct.encode_prompt(self.vocab, messages, max_len=budget - 1) + [self.vocab.eos_id]
 
-    def _decoder_fns(self, width: int, cache_len: int) -> tuple[Callable, Callable]:
-        import jax
-        import jax.numpy as jnp
-
-        from zhchat.models import decoding
-        key = (width, cache_len)
-        if key not in self._fns:
-            temperature, top_k, top_p = self.temperature, self.top_k, self.top_p
-
-            def prefill(params, tokens, mask, rng):
-                step = self.model.step_fn(params)
-                cache = self.model.init_cache(1, cache_len)
-                positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-                kv = jnp.concatenate([mask, jnp.zeros((1, cache_len - width), bool)], 1)
-                logits, cache = step(cache, tokens, positions, kv, None)
-                token = decoding.sample_logits(logits[:, -1], rng, temperature=temperature,
-                                               top_k=top_k, top_p=top_p)
-                return token, cache
-
-            def advance(params, cache, token, mask, position, t, rng):
-                step = self.model.step_fn(params)
-                # generated token t sits in slot width + t at position (prompt length + t)
-                gen = jnp.arange(cache_len - width)[None] <= t
-                kv = jnp.concatenate([mask, gen], 1)
-                logits, cache = step(cache, token[:, None], jnp.full((1, 1), position), kv, None)
-                nxt = decoding.sample_logits(logits[:, -1], rng, temperature=temperature,
-                                             top_k=top_k, top_p=top_p)
-                return nxt, cache
-            self._fns[key] = (jax.jit(prefill), jax.jit(advance))
-        return self._fns[key]
-
     def stream(self, messages: list[dict]) -> Iterator[int]:
         """Token ids of the next assistant reply, one at a time (the stop token not included)."""
         import jax
-        import jax.numpy as jnp
-        prompt = self._prompt(messages)
         self.rng, rng = jax.random.split(self.rng)
-        if not self.is_decoder:
-            out = self.model.predict_batch(
-                self.params, {"encoder_input_tokens": jnp.asarray([prompt], jnp.int32)}, rng,
-                max_decode_length=self.max_new_tokens, temperature=self.temperature,
-                top_k=self.top_k, top_p=self.top_p)
-            for t in np.asarray(out)[0].tolist():
-                if t in self.stops or t == self.vocab.pad_id:
-                    return
-                yield t
-            return
-        width = -(-len(prompt) // 32) * 32  # bucketed prompt width: few compilations
-        tokens = np.zeros((1, width), np.int32)
-        tokens[0, width - len(prompt):] = prompt
-        mask = np.zeros((1, width), bool)
-        mask[0, width - len(prompt):] = True
-        cache_len = width + self.max_new_tokens
-        prefill, advance = self._decoder_fns(width, cache_len)
-        mask = jnp.asarray(mask)
-        token, cache = prefill(self.params, jnp.asarray(tokens), mask,
-                               jax.random.fold_in(rng, 0))
-        for t in range(self.max_new_tokens):
-            tok = int(token[0])
-            if tok in self.stops:
-                return
-            yield tok
-            if t + 1 == self.max_new_tokens:
-                return
-            token, cache = advance(self.params, cache, token, mask, len(prompt) + t, t,
-                                   jax.random.fold_in(rng, t + 1))
+        yield from self.streamer.stream(self.params, self._prompt(messages), rng,
+                                        max_new_tokens=self.max_new_tokens,
+                                        stop_ids=sorted(self.stops))
 
     def reply(self, messages: list[dict], out: TextIO | None = None) -> str:
         """The whole reply text; with `out`, new text is written (and flushed) as it is decoded."""
