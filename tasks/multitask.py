@@ -22,7 +22,7 @@ import gin
 import seqio
 
 from zhchat.tasks import chat_template as ct
-from zhchat.tasks import eval_sets, lm, metrics, multitask_prompts, sft, sources
+from zhchat.tasks import eval_metrics, eval_sets, lm, multitask_prompts, sft, sources
 
 FEWCLUE = ("tnews", "iflytek", "ocnli", "bustm", "csl", "eprstmt", "cluewsc")
 DATASETS = FEWCLUE + ("c3",)
@@ -109,7 +109,7 @@ def _example_fn(dataset: str, data_dir: str, salt: str):
                 counter.add("kept_reply_truncated", rid)
             yield {"id": rid, "inputs": inputs, "targets": targets,
                    "inputs_pretokenized": ct.render(messages[:1], add_generation_prompt=True),
-                   "targets_pretokenized": answer, "choices": metrics.CHOICE_SEP.join(choices)}
+                   "targets_pretokenized": answer, "choices": eval_metrics.CHOICE_SEP.join(choices)}
     return example_fn
 
 
@@ -127,5 +127,6 @@ def register_prompt_task(*, dataset: str = gin.REQUIRED, vocabulary: seqio.Vocab
     return sft.register_dialogue_task(
         name or f"zh_prompt_{dataset}", example_fn=_example_fn(dataset, data_dir, template_salt),
         vocabulary=vocabulary, max_inputs_length=max_inputs_length,
-        max_targets_length=max_targets_length, postprocess_fn=metrics.label_postprocessor,
-        metric_fns=[metrics.accuracy, metrics.macro_f1, metrics.invalid_rate], replace=replace)
+        max_targets_length=max_targets_length, postprocess_fn=eval_metrics.label_postprocessor,
+        metric_fns=[eval_metrics.accuracy, eval_metrics.macro_f1, eval_metrics.invalid_rate],
+        replace=replace)

@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from zhchat.tasks import metrics, multitask_prompts
-from zhchat.tasks.metrics import INVALID, label_postprocessor
+from zhchat.tasks import eval_metrics, multitask_prompts
+from zhchat.tasks.eval_metrics import INVALID, label_postprocessor
 
 
 def ex(*choices):
-    return {"choices": metrics.CHOICE_SEP.join(choices).encode()}
+    return {"choices": eval_metrics.CHOICE_SEP.join(choices).encode()}
 
 
 @pytest.mark.parametrize("text,choices,label", [
@@ -45,12 +45,12 @@ def test_every_verbalization_maps_back():
 def test_accuracy_and_macro_f1_numbers():
     targets = ["是", "是", "否", "否"]
     preds = ["是", INVALID, "否", "是"]
-    assert metrics.accuracy(targets, preds) == {"accuracy": 50.0}
+    assert eval_metrics.accuracy(targets, preds) == {"accuracy": 50.0}
     # F1(是) = 2*1/(2+1+1) = 0.5; F1(否) = 2*1/(2+0+1) = 2/3
-    assert metrics.macro_f1(targets, preds)["macro_f1"] == pytest.approx(100 * (0.5 + 2 / 3) / 2)
-    assert metrics.invalid_rate(targets, preds) == {"invalid_rate": 25.0}
+    assert eval_metrics.macro_f1(targets, preds)["macro_f1"] == pytest.approx(100 * (0.5 + 2 / 3) / 2)
+    assert eval_metrics.invalid_rate(targets, preds) == {"invalid_rate": 25.0}
     with pytest.raises(ValueError, match="targets but"):
-        metrics.accuracy(["a"], [])
+        eval_metrics.accuracy(["a"], [])
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_registered_prompt_tasks_yield_verbalized_examples(prompt_tasks, spm_mod
         assert len(examples) >= 120, name  # of 159-3671; long CSL abstracts may not fit
         templates = set()
         for e in examples[:60]:
-            choices = metrics.choices_of(e)
+            choices = eval_metrics.choices_of(e)
             assert e["targets_pretokenized"] in choices, name
             # generating exactly the target (with the chat end token) scores as the label
             assert label_postprocessor(vocab.decode(e["targets"]), example=e) == \
