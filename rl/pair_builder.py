@@ -30,6 +30,11 @@ def build_pairs(*, model: Any = gin.REQUIRED, params: Any = gin.REQUIRED, vocab:
                 max_pairs: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Writes pairs for `dialogues` ((id, messages ending with an assistant reply), e.g.
     tasks/sft_sources.iter_alpaca / iter_sharegpt); returns {"pairs", "skipped": {reason: n}}."""
+    limit = getattr(model.config, "max_len", None)  # a decoder's positions; a T5 has no limit
+    if limit is not None and not heads.is_encoder_decoder(model) \
+            and max_prompt_len + max_decode_length > limit:
+        raise ValueError(f"max_prompt_len {max_prompt_len} + max_decode_length "
+                         f"{max_decode_length} exceeds the model's max_len {limit}")
     skips, written = SkipCounter(), 0
     pending: list[tuple[str, list[dict], str, list[int]]] = []
     rng = jax.random.key(seed)
