@@ -5,7 +5,9 @@ Per iteration: a batch of prompts -> responses from the jitted KV-cache sampler 
 `ppo_epochs` epochs of minibatch updates of the policy and the critic (optionally stopping early
 once approx-KL passes `target_kl_early_stop`) -> KL-coefficient update -> metrics (TensorBoard +
 metrics.jsonl through trainer/metrics.py) -> orbax checkpoint (trainer/checkpoints.py) of policy,
-critic, reference, reward statistics, KL coefficient and prompt position, from which a run resumes.
+critic, reward statistics, KL coefficient and prompt position, from which a run resumes. The frozen
+reference is not saved: it is the policy's starting parameters (`policy_params`, e.g. read from the
+SFT checkpoint, or the seeded init), rebuilt from that source when a run resumes.
 
 Policy, reference, critic and reward model live on one mesh (trainer/partitioning.py): parameters by
 their logical axes, rollout batches split over the data axes. The reward is a RewardModel
@@ -121,6 +123,7 @@ def train_ppo(*, policy: Any = gin.REQUIRED, critic: RewardModel = gin.REQUIRED,
         if shapes_of(abstract) == shapes_of(reward_params):
             critic_params = reward_params
     c_state, c_sh = make_state(critic, c_tx, partitioner, c_shapes, c_rng, critic_params)
+    # the frozen reference: the policy's starting parameters (restored below only for the policy)
     ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_sh.params)(p_state.params)
     if reward_params is not None:
         reward_params = jax.device_put(reward_params, partitioner.shardings(jax.eval_shape(
@@ -135,10 +138,9 @@ def train_ppo(*, policy: Any = gin.REQUIRED, critic: RewardModel = gin.REQUIRED,
                                                  keep=keep_checkpoints, save_every=checkpoint_every,
                                                  async_save=True)
             if checkpointer.latest_step() is not None:
-                tree = {"policy": p_state, "critic": c_state, "reference": ref_params}
+                tree = {"policy": p_state, "critic": c_state}
                 restored, data, start = checkpointer.restore(_abstract_like(tree))
-                p_state, c_state, ref_params = (restored["policy"], restored["critic"],
-                                                restored["reference"])
+                p_state, c_state = restored["policy"], restored["critic"]
                 stats, kl.value = np.asarray(data["reward_stats"]), float(data["kl_coef"])
                 prompt_start = data.get("prompt_state")
         if prompt_start is not None and hasattr(prompt_it, "set_state"):
@@ -206,8 +208,8 @@ def train_ppo(*, policy: Any = gin.REQUIRED, critic: RewardModel = gin.REQUIRED,
             if checkpointer is not None:
                 data = {"reward_stats": stats.tolist(), "kl_coef": kl.value,
                         "prompt_state": prompt_it.get_state() if hasattr(prompt_it, "get_state") else None}
-                tree = {"policy": p_state, "critic": c_state, "reference": ref_params}
-                checkpointer.save(it + 1, tree, data, force=(it + 1 == num_iterations))
+                checkpointer.save(it + 1, {"policy": p_state, "critic": c_state}, data,
+                                  force=(it + 1 == num_iterations))
         if checkpointer is not None:
             checkpointer.close()
         writer.close()

@@ -183,7 +183,7 @@ def restore_params_only(directory: str, abstract_params: Any, step: int | None =
     """Only the parameters of a train-state checkpoint (no optimizer state, no data position),
     onto the shardings carried by `abstract_params`: for fine-tuning from a pretrained run, for
     inference and for frozen reference/reward models. `under` names the train state inside a
-    larger saved tree (a PPO run saves {"policy", "critic", "reference"}: under=("policy",)).
+    larger saved tree (a PPO run saves {"policy", "critic"}: under=("policy",)).
     Returns (params, step)."""
     manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
     step = manager.latest_step() if step is None else step

@@ -38,6 +38,9 @@ def test_ppo_resumes_from_checkpoint(tmp_path):
     full = run("decoder", iterations=4, run_dir=str(tmp_path / "a"))
     run("decoder", iterations=2, run_dir=str(tmp_path / "b"))
     resumed = run("decoder", iterations=4, run_dir=str(tmp_path / "b"))
+    # the frozen reference is rebuilt from the policy's starting parameters, not saved each step
+    meta = (tmp_path / "b" / "checkpoints" / "4" / "state" / "_METADATA").read_text()
+    assert '"policy"' in meta and '"critic"' in meta and '"reference"' not in meta
     assert [h["iteration"] for h in resumed["history"]] == [3, 4]
     for a, b in zip(full["history"][2:], resumed["history"]):
         np.testing.assert_allclose(a["reward_mean"], b["reward_mean"], rtol=1e-5)
