@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax.struct
 import gin
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,19 @@ from zhchat.rl import losses, rollout
 from zhchat.trainer import train_state as ts
 
 Array = jax.Array
+
+
+@flax.struct.dataclass
+class Experience:
+    """One scored rollout, [batch, ...] arrays: what the actor sampled and what the learner needs
+    (old log-probs and values at sampling time, GAE advantages and returns)."""
+    prompts: Array
+    responses: Array
+    mask: Array  # 1 on response tokens up to and including EOS
+    old_log_probs: Array
+    old_values: Array
+    advantages: Array
+    returns: Array
 
 
 @gin.configurable
@@ -79,7 +93,7 @@ def scores(reward_params: Any, prompts: Array, responses: Array, *, eos_id: int,
 
 def experience(policy_params: Any, ref_params: Any, critic_params: Any, prompts: Array,
                responses: Array, score: Array, kl_coef: Array, score_mean: Array, score_std: Array,
-               *, cfg: PPOConfig, policy: Any, critic: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+               *, cfg: PPOConfig, policy: Any, critic: Any) -> tuple[Experience, dict[str, Array]]:
     """(experience batch, rollout metrics) for sampled `responses` to `prompts` scored `score`."""
     mask = rollout.response_mask(responses, policy.eos_id)
     fmask = mask.astype(jnp.float32)
@@ -98,8 +112,8 @@ def experience(policy_params: Any, ref_params: Any, critic_params: Any, prompts:
     resid_var = losses.masked_mean(jnp.square(returns - values - losses.masked_mean(
         returns - values, fmask)), fmask)
     ret_var = losses.masked_mean(jnp.square(returns - losses.masked_mean(returns, fmask)), fmask)
-    exp = {"prompts": prompts, "responses": responses, "mask": mask, "old_log_probs": logp,
-           "old_values": values, "advantages": adv, "returns": returns}
+    exp = Experience(prompts=prompts, responses=responses, mask=mask, old_log_probs=logp,
+                     old_values=values, advantages=adv, returns=returns)
     metrics = {"reward_mean": jnp.mean(score), "reward_std": jnp.std(score),
                "shaped_score_mean": jnp.mean(shaped),
                "kl": jnp.mean(jnp.sum(kl_tok, axis=1)),
@@ -112,18 +126,18 @@ def experience(policy_params: Any, ref_params: Any, critic_params: Any, prompts:
     return exp, metrics
 
 
-def minibatch_loss(policy_params: Any, critic_params: Any, mb: dict[str, Array],
+def minibatch_loss(policy_params: Any, critic_params: Any, mb: Experience,
                    ptx_batch: dict[str, Array] | None, *, cfg: PPOConfig, policy: Any, critic: Any
                    ) -> tuple[Array, dict[str, Array]]:
     """Clipped policy loss + vf_coef · clipped value loss - ent_coef · entropy (+ PPO-ptx)."""
-    mask = mb["mask"]
-    logp, logits = _log_probs(policy, policy_params, mb["prompts"], mb["responses"], mask,
+    mask = mb.mask
+    logp, logits = _log_probs(policy, policy_params, mb.prompts, mb.responses, mask,
                               cfg.temperature)
-    pg, pm = losses.clipped_policy_loss(logp, mb["old_log_probs"], mb["advantages"], mask,
+    pg, pm = losses.clipped_policy_loss(logp, mb.old_log_probs, mb.advantages, mask,
                                         cfg.clip_eps)
     entropy = losses.masked_mean(losses.entropy_from_logits(logits), mask)
-    values = _values(critic, critic_params, mb["prompts"], mb["responses"], mask)
-    vf, vm = losses.clipped_value_loss(values, mb["old_values"], mb["returns"], mask,
+    values = _values(critic, critic_params, mb.prompts, mb.responses, mask)
+    vf, vm = losses.clipped_value_loss(values, mb.old_values, mb.returns, mask,
                                        cfg.value_clip_eps)
     total = pg + cfg.vf_coef * vf - cfg.ent_coef * entropy
     metrics = {"policy_loss": pg, "value_loss": vf, "entropy_train": entropy, **pm, **vm}
@@ -135,7 +149,7 @@ def minibatch_loss(policy_params: Any, critic_params: Any, mb: dict[str, Array],
     return total, metrics
 
 
-def train_epoch(policy_state: ts.TrainState, critic_state: ts.TrainState, exp: dict[str, Array],
+def train_epoch(policy_state: ts.TrainState, critic_state: ts.TrainState, exp: Experience,
                 perm: Array, ptx_batches: dict[str, Array] | None, *, cfg: PPOConfig, policy: Any,
                 critic: Any, constrain: Callable = lambda x: x
                 ) -> tuple[ts.TrainState, ts.TrainState, dict[str, Array]]:

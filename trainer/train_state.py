@@ -51,13 +51,14 @@ def _num_tokens(batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
     return jnp.asarray(first.size, jnp.float32)
 
 
-def split_microbatches(batch: Mapping[str, jnp.ndarray], k: int) -> dict[str, jnp.ndarray]:
-    """[B, ...] -> [k, B/k, ...]; slice j holds examples j, j+k, ... so every device keeps work."""
+def split_microbatches(batch: Any, k: int) -> Any:
+    """[B, ...] -> [k, B/k, ...] for every array of `batch` (a dict or any pytree); slice j holds
+    examples j, j+k, ... so every device keeps work."""
     def one(x):
         if x.shape[0] % k:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by microbatches={k}")
         return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
-    return {name: one(x) for name, x in batch.items()}
+    return jax.tree.map(one, dict(batch) if isinstance(batch, Mapping) else batch)
 
 
 def grads_and_metrics(loss_fn: Callable, params: Any, batch: Mapping[str, jnp.ndarray],
