@@ -22,38 +22,17 @@ import os
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zhchat.rl import heads, kl_controller, ppo_step, rollout
+from zhchat.rl import heads, kl_controller, ppo_step, roles, rollout
 from zhchat.rl.reward_model import RewardModel, check_same_vocabulary
 from zhchat.trainer import checkpoints as ckpt_lib
 from zhchat.trainer import metrics as metrics_lib
 from zhchat.trainer import optimizers, partitioning
 from zhchat.trainer import train as train_lib
-from zhchat.trainer import train_state as ts
-
-
-def make_state(model: Any, tx: Any, partitioner: partitioning.Partitioner, shapes: dict,
-               rng: jax.Array, params: Any = None) -> tuple[ts.TrainState, Any]:
-    """A sharded TrainState of `model`, from `params` (unboxed tree) or freshly initialised.
-    Call it outside `partitioner.activate()` (as trainer/train.py does)."""
-    _, state_sh, init_fn = train_lib.init_shardings(model, tx, partitioner, shapes, rng)
-    with partitioner.activate():
-        if params is None:
-            key = (model, tuple(sorted(shapes.items())))
-            return train_lib.jitted_init(init_fn, state_sh, key)(rng), state_sh
-        params = jax.device_put(params, state_sh.params)
-        return jax.jit(lambda p: ts.TrainState.create(p, tx), out_shardings=state_sh)(params), state_sh
-
-
-def policy_shapes(policy: Any, prompt_len: int, response_len: int) -> dict:
-    if heads.is_encoder_decoder(policy):
-        return {"encoder_input_tokens": (1, prompt_len), "decoder_input_tokens": (1, response_len)}
-    return {"decoder_input_tokens": (1, prompt_len + response_len)}
 
 
 def _running_stats(stats: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -114,21 +93,18 @@ def train_ppo(*, policy: Any = gin.REQUIRED, critic: RewardModel = gin.REQUIRED,
     c_tx = critic_optimizer or optimizers.make_optimizer()
     batch_sh, rep = partitioner.batch_sharding, partitioner.replicated
 
-    p_state, p_sh = make_state(policy, p_tx, partitioner, policy_shapes(policy, prompt_len, resp_len),
-                               p_rng, policy_params)
-    c_shapes = policy_shapes(critic.backbone, prompt_len, resp_len)
-    if critic_params is None and critic_from_reward_model and reward_params is not None:
-        abstract = nn.unbox(jax.eval_shape(lambda k: critic.init_params(k, c_shapes), c_rng))
-        shapes_of = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)  # noqa: E731
-        if shapes_of(abstract) == shapes_of(reward_params):
-            critic_params = reward_params
-    c_state, c_sh = make_state(critic, c_tx, partitioner, c_shapes, c_rng, critic_params)
-    # the frozen reference: the policy's starting parameters (restored below only for the policy)
-    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_sh.params)(p_state.params)
-    if reward_params is not None:
-        reward_params = jax.device_put(reward_params, partitioner.shardings(jax.eval_shape(
-            lambda k: reward_model.init_params(k, policy_shapes(reward_model.backbone, prompt_len,
-                                                                resp_len)), c_rng)))
+    p_shapes = roles.response_shapes(policy, prompt_len, resp_len)
+    actor = roles.actor(policy, p_tx, partitioner, p_shapes, p_rng, policy_params)
+    value = roles.critic(critic, c_tx, partitioner,
+                         roles.response_shapes(critic.backbone, prompt_len, resp_len), c_rng,
+                         critic_params, reward_params if critic_from_reward_model else None)
+    # the frozen reference: the actor's starting parameters (a resumed run restores only the
+    # actor and critic, so this is rebuilt from the same source: policy_params or the seed)
+    ref = roles.reference(actor)
+    judge = roles.reward(reward_model, reward_params, partitioner, roles.response_shapes(
+        reward_model.backbone, prompt_len, resp_len) if reward_model is not None else {}, c_rng)
+    p_state, p_sh, c_state, c_sh = actor.state, actor.shardings, value.state, value.shardings
+    ref_params, reward_params = ref.params, judge.params
     with partitioner.activate():
         stats = np.array([0.0, 0.0, 0.0])
         start, prompt_start = 0, None

@@ -1,0 +1,99 @@
+"""The four models of RLHF as named parts (Tunix's roles): the actor (the policy being trained), the
+critic (a value head on a backbone, trained), the reference (the actor's starting parameters,
+frozen: the KL anchor) and the reward model (frozen). Each part holds its model wrapper, its
+parameters or train state and their shardings on the one mesh the run uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zhchat.rl import heads
+from zhchat.trainer import partitioning
+from zhchat.trainer import train as train_lib
+from zhchat.trainer import train_state as ts
+
+
+class Role(str, enum.Enum):
+    ACTOR = "actor"
+    CRITIC = "critic"
+    REFERENCE = "reference"
+    REWARD = "reward"
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained role (actor, critic): its model, train state and the state's shardings."""
+    role: Role
+    model: Any
+    state: ts.TrainState
+    shardings: Any
+
+
+@dataclasses.dataclass
+class Frozen:
+    """A frozen role (reference, reward): its model and parameters (None: a reward function)."""
+    role: Role
+    model: Any
+    params: Any
+
+
+def response_shapes(model: Any, prompt_len: int, response_len: int) -> dict:
+    """Init shapes of a model that reads a prompt and a response."""
+    if heads.is_encoder_decoder(model):
+        return {"encoder_input_tokens": (1, prompt_len), "decoder_input_tokens": (1, response_len)}
+    return {"decoder_input_tokens": (1, prompt_len + response_len)}
+
+
+def make_state(model: Any, tx: Any, partitioner: partitioning.Partitioner, shapes: dict,
+               rng: jax.Array, params: Any = None) -> tuple[ts.TrainState, Any]:
+    """A sharded TrainState of `model`, from `params` (unboxed tree) or freshly initialised.
+    Call it outside `partitioner.activate()` (as trainer/train.py does)."""
+    _, state_sh, init_fn = train_lib.init_shardings(model, tx, partitioner, shapes, rng)
+    with partitioner.activate():
+        if params is None:
+            key = (model, tuple(sorted(shapes.items())))
+            return train_lib.jitted_init(init_fn, state_sh, key)(rng), state_sh
+        params = jax.device_put(params, state_sh.params)
+        return jax.jit(lambda p: ts.TrainState.create(p, tx), out_shardings=state_sh)(params), state_sh
+
+
+def actor(model: Any, tx: Any, partitioner: partitioning.Partitioner, shapes: dict,
+          rng: jax.Array, params: Any = None) -> Trained:
+    """The policy from `params` (e.g. the SFT checkpoint) or initialised from `rng`."""
+    return Trained(Role.ACTOR, model, *make_state(model, tx, partitioner, shapes, rng, params))
+
+
+def critic(model: Any, tx: Any, partitioner: partitioning.Partitioner, shapes: dict,
+           rng: jax.Array, params: Any = None, reward_params: Any = None) -> Trained:
+    """The value model from `params`, else from the reward model's parameters when the shapes
+    agree (InstructGPT initialises the value function from the RM), else initialised."""
+    if params is None and reward_params is not None:
+        abstract = nn.unbox(jax.eval_shape(lambda k: model.init_params(k, shapes), rng))
+        shapes_of = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)  # noqa: E731
+        if shapes_of(abstract) == shapes_of(reward_params):
+            params = reward_params
+    return Trained(Role.CRITIC, model, *make_state(model, tx, partitioner, shapes, rng, params))
+
+
+def reference(of: Trained) -> Frozen:
+    """A frozen copy of the actor's parameters as they are now (its starting point)."""
+    params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                     out_shardings=of.shardings.params)(of.state.params)
+    return Frozen(Role.REFERENCE, of.model, params)
+
+
+def reward(model: Any, params: Any, partitioner: partitioning.Partitioner, shapes: dict,
+           rng: jax.Array) -> Frozen:
+    """The frozen reward model, its parameters placed by their logical axes (None: the run
+    scores with a reward function instead)."""
+    if params is not None:
+        params = jax.device_put(params, partitioner.shardings(jax.eval_shape(
+            lambda k: model.init_params(k, shapes), rng)))
+    return Frozen(Role.REWARD, model, params)
