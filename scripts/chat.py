@@ -42,8 +42,7 @@ class ChatSession:
         if model_vocab < vocab.vocab_size:
             raise ValueError(f"the model's vocabulary ({model_vocab}) is smaller than the tokenizer "
                              f"{vocab.path} ({vocab.vocab_size}): checkpoint and tokenizer differ")
-        self.max_new_tokens, self.temperature, self.top_k, self.top_p = (
-            max_new_tokens, temperature, top_k, top_p)
+        self.max_new_tokens = max_new_tokens
         limit = getattr(model.config, "max_len", None) or 512
         self.max_context = min(max_context or limit, limit)
         if self.max_context <= max_new_tokens + 8:
