@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except gin_cli.GinConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    from zhchat.trainer import checkpoints, faults
+    from zhchat.trainer import faults
     try:
         if argv[0] == "ppo":
             from zhchat.rl import ppo
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         from zhchat.trainer.train import train
         rl_stage()
         summary = train()
-    except checkpoints.CheckpointWriteError:
+    except faults.WRITE_ERRORS:
         faults.exit_after_write_error()
     print(f"finished at step {summary['step']}, loss {summary['loss']:.4f}", flush=True)
     return 0

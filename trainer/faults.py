@@ -8,6 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from zhchat.trainer.checkpoints import CheckpointWriteError
+from zhchat.trainer.metrics import MetricsWriteError
+
+# What a run cannot continue without: its checkpoints and its metrics record. The CLIs end the
+# process on these (`exit_after_write_error`).
+WRITE_ERRORS = (CheckpointWriteError, MetricsWriteError)
+
 
 class SpikeGuard:
     """Loss-spike detection on the logged losses (a running median of the last 20 windows)."""
@@ -55,11 +62,12 @@ def close_quietly(writer: Any, checkpointer: Any) -> None:
 
 
 def exit_after_write_error() -> None:
-    """Prints the checkpoint write error being handled and ends the process at once (exit 1).
+    """Prints the write error being handled (`WRITE_ERRORS`) and ends the process at once (exit 1).
 
     When a save fails before its folder exists (a read-only or lost mount), orbax's background
     signalling threads wait forever for that save, and a normal interpreter exit joins them: the
-    run would print its error and then hang."""
+    run would print its error and then hang. A full disk can fail the metrics first while such a
+    save is in flight, hence the same exit for both."""
     import os
     import traceback
 

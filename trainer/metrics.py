@@ -71,8 +71,8 @@ class MetricsWriter:
         self._tb = self._jsonl = None
         if self.enabled and run_dir:
             os.makedirs(run_dir, exist_ok=True)
-            from tensorboardX import SummaryWriter  # imported lazily: heavy, host 0 only
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            from zhchat.trainer import tensorboard  # imported lazily: host 0 only
+            self._tb = tensorboard.EventWriter(os.path.join(run_dir, "tensorboard"))
             path = os.path.join(run_dir, "metrics.jsonl")
             _truncate_after(path, initial_step)  # a resumed run replays the steps after it
             self._jsonl = open(path, "a", encoding="utf-8")
@@ -90,23 +90,15 @@ class MetricsWriter:
         except OSError as e:  # e.g. ENOSPC: stop now rather than train without a record
             raise MetricsWriteError(f"cannot write {self.run_dir}/metrics.jsonl at step {step}: "
                                     f"{e}") from e
-        if self._tb is not None:
-            self._check_tensorboard(step)
-            for k, v in record.items():
-                if k != "step":
-                    self._tb.add_scalar(k, v, int(step))
+        try:
+            if self._tb is not None:
+                self._tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
+        except OSError as e:
+            raise MetricsWriteError(f"cannot write the TensorBoard events of {self.run_dir} at "
+                                    f"step {step}: {e}") from e
         if self._bar is not None and prefix == "train":
             shown = {k: scalars[k] for k in ("loss", "mfu") if k in scalars}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
-
-    def _check_tensorboard(self, step: int) -> None:
-        """tensorboardX writes from a thread through a bounded queue: once that thread has died
-        (a full disk), the next writes would block forever, so fail instead."""
-        writer = getattr(getattr(self._tb, "file_writer", None), "event_writer", None)
-        worker = getattr(writer, "_worker", None)
-        if worker is not None and not worker.is_alive():
-            raise MetricsWriteError(f"the TensorBoard writer of {self.run_dir} stopped (disk "
-                                    f"full or folder gone?) before step {step}")
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:

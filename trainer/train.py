@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         gin.bind_parameter("train.eval_data", None)
     try:
         summary = train(dry_run=args.dry_run)
-    except ckpt_lib.CheckpointWriteError:
+    except faults.WRITE_ERRORS:
         faults.exit_after_write_error()
     except (RuntimeError, ValueError) as e:  # gin: a REQUIRED binding (e.g. the model) missing,
         first = str(e).splitlines()[0] if str(e) else ""  # or a skipped configurable is used

@@ -124,7 +124,7 @@ def run(cfg: PipelineConfig, stages: Sequence[str] = STAGES, force: Sequence[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     from zhchat.gin_configs import cli as gin_cli
-    from zhchat.trainer import checkpoints, faults
+    from zhchat.trainer import faults
 
     files, bindings, rest = gin_cli.split_gin_args(sys.argv[1:] if argv is None else list(argv))
     p = argparse.ArgumentParser(prog="python -m zhchat.scripts.pipeline", description=__doc__,
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (gin_cli.GinConfigError, StageInputError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except checkpoints.CheckpointWriteError:
+    except faults.WRITE_ERRORS:
         faults.exit_after_write_error()
     print(f"pipeline finished in {time.time() - t0:.0f} s; outputs under {cfg.out_dir}", flush=True)
     return 0

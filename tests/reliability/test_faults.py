@@ -232,16 +232,21 @@ def test_a_failed_metrics_write_stops_the_run(tmp_path, monkeypatch):
         _run(tmp_path, 10)
 
 
-def test_a_dead_tensorboard_writer_fails_instead_of_hanging(tmp_path):
-    from zhchat.trainer import metrics
+def test_tensorboard_events_are_written_in_the_loop_and_a_full_disk_raises(tmp_path):
+    """The events are written synchronously (no writer thread that could die and block the
+    queue); /dev/full gives a real ENOSPC."""
+    from zhchat.trainer import metrics, tensorboard
 
     writer = metrics.MetricsWriter(str(tmp_path), total_steps=3, progress_bar=False)
-    writer.write(1, {"loss": 1.0})
-    worker = writer._tb.file_writer.event_writer._worker
-    worker.stop()
-    worker.join(timeout=10)
-    with pytest.raises(metrics.MetricsWriteError, match="TensorBoard writer"):
-        writer.write(2, {"loss": 1.0})
+    writer.write(1, {"loss": 2.5, "mfu": 0.25})
+    writer.write(2, {"loss": 1.5}, prefix="eval")
+    path = writer._tb.path
+    assert tensorboard.read_scalars(path) == [(1, "train/loss", 2.5), (1, "train/mfu", 0.25),
+                                              (2, "eval/loss", 1.5)]
+    writer._tb._file.close()
+    writer._tb._file = open("/dev/full", "wb")
+    with pytest.raises(metrics.MetricsWriteError, match="TensorBoard events .* step 3"):
+        writer.write(3, {"loss": 1.0})
 
 
 class _Spiky:

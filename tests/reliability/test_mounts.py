@@ -2,8 +2,9 @@
 - its checkpoint folder is remounted read-only once checkpoint 5 is committed (every later write
   fails with EROFS, as on a lost or remounted volume), or
 - its whole run folder is a 2 MiB tmpfs (checkpoints, metrics and TensorBoard fill it: ENOSPC).
-Each run must stop non-zero at the first step after the failed save reports (at the latest at
-the next save, which waits for it), naming the checkpoint and the OS error, and never hang; after the read-only case a restart resumes from checkpoint 5."""
+Each run must stop non-zero at the first step after the failed write reports (for a background
+save at the latest at the next save, which waits for it), naming the checkpoint or metrics file
+and the OS error, and never hang; after the read-only case a restart resumes from checkpoint 5."""
 
 from __future__ import annotations
 
@@ -81,8 +82,8 @@ def test_a_checkpoint_folder_turned_read_only_mid_run_stops_it_loudly(tmp_path):
 
 # The run folder on a small tmpfs; what the run wrote is copied out before the mount goes away.
 _FULL_DISK = r"""
-run="$1"; keep="$2"; shift 2
-mount -t tmpfs -o size=2m tmpfs "$run" || exit 97
+run="$1"; keep="$2"; size="$3"; shift 3
+mount -t tmpfs -o size="$size" tmpfs "$run" || exit 97
 "$@"; rc=$?
 df -k "$run" | tail -1 >&2
 cp "$run/metrics.jsonl" "$keep/" 2>/dev/null
@@ -91,22 +92,51 @@ exit $rc
 """
 
 
-def test_a_full_disk_stops_the_run_loudly(tmp_path):
+# 2 MiB: checkpoints fill it (usually the first failure is a save, but on a loaded machine the
+# metrics or TensorBoard events can meet the full disk first, while a save is in flight).
+# 96 KiB and no checkpoint before step 10**6: the metrics and events fill it.
+@pytest.mark.parametrize("size,checkpoint_every", [("2m", 5), ("96k", 10**6)],
+                         ids=["checkpoints", "metrics"])
+def test_a_full_disk_stops_the_run_loudly(tmp_path, size, checkpoint_every):
     why = _mount_namespaces_work(tmp_path)
     if why:
         pytest.skip(why)
     run_dir, keep = tmp_path / "run", tmp_path / "keep"
     run_dir.mkdir()
     keep.mkdir()
-    command = [a.replace("NUM_STEPS=40", "NUM_STEPS=2000") for a in _command(run_dir)]
+    command = [a.replace("NUM_STEPS=40", "NUM_STEPS=2000")
+               .replace("checkpoint_every=5", f"checkpoint_every={checkpoint_every}")
+               for a in _command(run_dir)]
     proc = subprocess.run(["unshare", "-m", "sh", "-c", _FULL_DISK, "sh", str(run_dir), str(keep),
-                           *command], capture_output=True, text=True, timeout=300)
+                           size, *command], capture_output=True, text=True, timeout=300)
     assert proc.returncode not in (0, 97), proc.stderr[-3000:]
-    errors = [ln for ln in proc.stderr.splitlines() if "CheckpointWriteError" in ln]
+    # Whichever write meets the full disk first stops the run: a checkpoint, metrics.jsonl or
+    # the TensorBoard events (all three share the 2 MiB).
+    errors = [ln for ln in proc.stderr.splitlines()
+              if "CheckpointWriteError" in ln or "MetricsWriteError" in ln]
     assert errors and "No space left on device" in errors[-1], proc.stderr[-3000:]
-    failed = int(errors[-1].split("checkpoint step ")[1].split()[0])
-    with open(keep / "metrics.jsonl", encoding="utf-8") as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert failed <= max(steps) <= failed + EVERY  # see EVERY
-    kept = (keep / "checkpoints.txt").read_text().split()
-    assert str(failed) not in kept  # the failed step was never committed
+    steps = _logged_steps(keep / "metrics.jsonl")
+    kept = [int(s) for s in (keep / "checkpoints.txt").read_text().split() if s.isdigit()]
+    if checkpoint_every > 2000:
+        assert "MetricsWriteError" in errors[-1] and not kept
+    if "CheckpointWriteError" in errors[-1]:
+        failed = int(errors[-1].split("checkpoint step ")[1].split()[0])
+        assert failed <= max(steps) <= failed + EVERY  # see EVERY
+        assert failed not in kept  # the failed step was never committed
+    else:
+        failed = int(errors[-1].split(" at step ")[1].split(":")[0])
+        assert max(steps) <= failed  # nothing trained past the record that failed
+        assert all(k <= failed for k in kept)
+
+
+def _logged_steps(path) -> list[int]:
+    """Steps of metrics.jsonl; the last line may have been cut by the full disk."""
+    steps = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            assert i == len(lines) - 1, f"unreadable line {i + 1} of {len(lines)}: {line!r}"
+    return steps
