@@ -31,8 +31,11 @@ _DATA = [  # SeqIO task definitions, caching and corpus cleaning (TensorFlow sid
     "OpenCC==1.4.2",
 ]
 _HF = ["torch==2.13.0", "transformers==5.23.0"]  # parity tests and the HF baseline benchmark
-_PLOT = ["matplotlib==3.11.2"]  # PNG curves (benchmarks/convergence.py)
-_DEV = ["pytest==9.0.3", "pytest-xdist==3.8.0", "datasketch==2.0.0"] + _HF + _PLOT
+_PLOT = ["matplotlib==3.11.2"]  # PNG curves (benchmarks/convergence.py, scripts/plot.py)
+_SERVE = ["fastapi==0.165.0", "starlette==1.10.0", "uvicorn==0.55.0"]  # scripts/serve
+_DEV = (["pytest==9.0.3", "pytest-xdist==3.8.0", "datasketch==2.0.0",
+         "openai==3.57.0"]  # the official client against our server in tests/scripts
+        + _HF + _PLOT + _SERVE)
 
 setuptools.setup(
     name="zhchat",
@@ -44,6 +47,6 @@ setuptools.setup(
     package_dir={"zhchat": "zhchat", **{f"zhchat.{p}": p for p in _SUBPACKAGES}},
     package_data={"zhchat.gin_configs": ["**/*.gin"], "zhchat.tasks": ["*.txt"]},
     install_requires=_CORE + _DATA,
-    extras_require={"dev": _DEV, "hf": _HF, "plot": _PLOT},
+    extras_require={"dev": _DEV, "hf": _HF, "plot": _PLOT, "serve": _SERVE},
     entry_points={"console_scripts": ["zhchat-train=zhchat.trainer.train:console_main"]},
 )
