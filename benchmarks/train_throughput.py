@@ -1,6 +1,6 @@
 """Training throughput of the real trainer step (forward, backward, clipping, AdamW update).
 
-Uses the trainer's own pieces (`init_shardings`, `jitted_init`, `jitted_steps`: the same jitted,
+Uses the trainer's own pieces (`state_init.StateInitializer`, `step_fns.jitted_steps`: the same jitted,
 donated, sharded step that `trainer.train` runs) on synthetic token batches of a workload's shapes,
 and reports step time, tokens/s/device, TFLOP/s/device and MFU (PaLM appendix-B FLOPs with causal
 attention counted as half), peak device memory and compile time.
@@ -33,8 +33,7 @@ import numpy as np
 
 from zhchat.benchmarks import trace_summary, workloads
 from zhchat.models import flops as flops_lib
-from zhchat.trainer import optimizers, partitioning
-from zhchat.trainer import train as train_lib
+from zhchat.trainer import optimizers, partitioning, state_init, step_fns
 
 
 def _peak_memory_gib() -> float | None:
@@ -71,11 +70,11 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
                          f"{model.config.vocab_size}: bind --gin.VOCAB_SIZE to the cache's vocabulary")
     shapes = {k: (v.shape[0] // microbatches,) + v.shape[1:] for k, v in host_batch.items()}
     rng = jax.random.key(0)
-    _, state_sh, init_fn = train_lib.init_shardings(model, tx, partitioner, shapes, rng)
+    init = state_init.StateInitializer(model, tx, partitioner, shapes, rng)
+    state = init.init()
     with partitioner.activate():
-        state = train_lib.jitted_init(init_fn, state_sh, ("bench", workload.name))(rng)
-        step, _ = train_lib.jitted_steps(model.loss_fn, microbatches, state_sh, partitioner,
-                                         skip_nonfinite)
+        step, _ = step_fns.jitted_steps(model.loss_fn, microbatches, init.shardings, partitioner,
+                                        skip_nonfinite)
         batches = [jax.device_put(b, partitioner.batch_sharding) for b in host_batches]
         batch = batches[0]
         t0 = time.perf_counter()

@@ -12,14 +12,11 @@ import os
 import sys
 from typing import Any
 
-import flax.linen as nn
 import gin
-import jax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from zhchat.gin_configs import cli as gin_cli
 from zhchat.trainer import checkpoints as ckpt_lib
-from zhchat.trainer import optimizers, partitioning
+from zhchat.trainer import optimizers, partitioning, state_init
 
 if __name__ == "__main__":  # run the importable module so gin registers the configurables once
     from zhchat.rl.cli import console_main
@@ -36,14 +33,7 @@ def load_params(*, directory: str = gin.REQUIRED, model: Any = gin.REQUIRED,
     sharded by the partitioner's rules. Safe inside an active partitioner (trainer data factories
     run there): the boxed shapes are read without `nn.unbox`, which would apply constraints."""
     partitioner = partitioner or partitioning.Partitioner()
-    boxed = jax.eval_shape(lambda k: model.init_params(k, _SHAPES), jax.random.key(0))
-    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
-    specs = nn.get_partition_spec(boxed)
-    shapes = jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
-    abstract = jax.tree.map(
-        lambda spec, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-            partitioner.mesh, partitioner.mesh_spec(spec, x.shape)[0])),
-        specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    abstract = state_init.abstract_params(model, partitioner, _SHAPES)
     params, _ = ckpt_lib.restore_params_only(directory, abstract, step, under=under)
     return params
 

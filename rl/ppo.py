@@ -32,7 +32,7 @@ from zhchat.rl.reward_model import RewardModel, check_same_vocabulary
 from zhchat.trainer import checkpoints as ckpt_lib
 from zhchat.trainer import metrics as metrics_lib
 from zhchat.trainer import optimizers, partitioning
-from zhchat.trainer import train as train_lib
+from zhchat.trainer import feed
 
 
 def _running_stats(stats: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -85,7 +85,7 @@ def train_ppo(*, policy: Any = gin.REQUIRED, critic: RewardModel = gin.REQUIRED,
         raise ValueError(f"train_ppo.batch_size={batch_size} must split into PPOConfig.num_minibatches="
                          f"{cfg.num_minibatches} each divisible by the data-parallel size "
                          f"{partitioner.data_parallel_size}")
-    prompt_it = train_lib.make_iterator(prompts, batch_size=batch_size, seed=seed)
+    prompt_it = feed.make_iterator(prompts, batch_size=batch_size, seed=seed)
     first = np.asarray(next(prompt_it)["prompt_tokens"], np.int32)
     prompt_len, resp_len = first.shape[1], cfg.max_decode_length
     p_rng, c_rng, s_rng = jax.random.split(jax.random.key(seed), 3)
@@ -136,7 +136,7 @@ def train_ppo(*, policy: Any = gin.REQUIRED, critic: RewardModel = gin.REQUIRED,
         epoch_fn = jax.jit(functools.partial(ppo_step.train_epoch, cfg=cfg, policy=policy,
                                              critic=critic, constrain=constrain),
                            out_shardings=(p_sh, c_sh, rep), donate_argnums=(0, 1))
-        ptx_it = (None if ptx_data is None or cfg.ptx_coef == 0 else train_lib.make_iterator(
+        ptx_it = (None if ptx_data is None or cfg.ptx_coef == 0 else feed.make_iterator(
             ptx_data, batch_size=batch_size // cfg.num_minibatches, seed=seed))
         writer = metrics_lib.MetricsWriter(run_dir, total_steps=num_iterations, initial_step=start,
                                            progress_bar=progress_bar)

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from zhchat.rl import heads
-from zhchat.trainer import partitioning
-from zhchat.trainer import train as train_lib
+from zhchat.trainer import partitioning, state_init
 from zhchat.trainer import train_state as ts
 
 
@@ -53,15 +52,10 @@ def response_shapes(model: Any, prompt_len: int, response_len: int) -> dict:
 
 def make_state(model: Any, tx: Any, partitioner: partitioning.Partitioner, shapes: dict,
                rng: jax.Array, params: Any = None) -> tuple[ts.TrainState, Any]:
-    """A sharded TrainState of `model`, from `params` (unboxed tree) or freshly initialised.
-    Call it outside `partitioner.activate()` (as trainer/train.py does)."""
-    _, state_sh, init_fn = train_lib.init_shardings(model, tx, partitioner, shapes, rng)
-    with partitioner.activate():
-        if params is None:
-            key = (model, tuple(sorted(shapes.items())))
-            return train_lib.jitted_init(init_fn, state_sh, key)(rng), state_sh
-        params = jax.device_put(params, state_sh.params)
-        return jax.jit(lambda p: ts.TrainState.create(p, tx), out_shardings=state_sh)(params), state_sh
+    """A sharded TrainState of `model` and its shardings, from `params` (unboxed tree) or freshly
+    initialised from `rng` (trainer/state_init.py, as every training run builds its state)."""
+    init = state_init.StateInitializer(model, tx, partitioner, shapes, rng)
+    return (init.init() if params is None else init.from_params(params)), init.shardings
 
 
 def actor(model: Any, tx: Any, partitioner: partitioning.Partitioner, shapes: dict,

@@ -10,13 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 
 from zhchat.trainer import checkpoints as ckpt_lib
-from zhchat.trainer import partitioning
-from zhchat.trainer import train as train_lib
-from zhchat.trainer import train_state as ts
+from zhchat.trainer import partitioning, state_init
 
 
 def warm_start(run_dir: str, model: Any, params: Any, *, optimizer: Any,
@@ -29,17 +26,12 @@ def warm_start(run_dir: str, model: Any, params: Any, *, optimizer: Any,
         checkpointer.close()
         raise FileExistsError(f"{run_dir} already holds checkpoints; warm_start needs a new run_dir")
     rng = jax.random.split(jax.random.key(seed))[0]  # the trainer's init rng for this seed
-    _, state_sh, init_fn = train_lib.init_shardings(model, optimizer, partitioner, batch_shapes, rng)
+    init = state_init.StateInitializer(model, optimizer, partitioner, batch_shapes, rng)
+    try:
+        state = init.from_params(params, subtree=subtree)
+    except ValueError as e:
+        checkpointer.close()
+        raise ValueError(f"warm_start: {e}") from e
     with partitioner.activate():
-        fresh = jax.jit(lambda k: nn.unbox(model.init_params(k, batch_shapes)),
-                        out_shardings=state_sh.params)(rng)
-        target = fresh[subtree] if subtree else fresh
-        shape = lambda t: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), t)  # noqa: E731
-        if shape(target) != shape(params):
-            raise ValueError(f"warm_start: the given parameters do not match {type(model).__name__}"
-                             f"{'[' + subtree + ']' if subtree else ''} (different sizes or vocabulary)")
-        new = dict(fresh, **{subtree: params}) if subtree else params
-        new = jax.device_put(new, state_sh.params)
-        state = jax.jit(lambda p: ts.TrainState.create(p, optimizer), out_shardings=state_sh)(new)
         checkpointer.save(0, state, None, force=True)
     checkpointer.close()

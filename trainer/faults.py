@@ -16,6 +16,26 @@ from zhchat.trainer.metrics import MetricsWriteError
 WRITE_ERRORS = (CheckpointWriteError, MetricsWriteError)
 
 
+class SkipCounter:
+    """Counts the steps skipped for a non-finite loss or gradient; past `max_skipped` the run
+    has diverged and stops (FloatingPointError naming the last checkpoint)."""
+
+    def __init__(self, max_skipped: int | None):
+        self.max_skipped, self.total = max_skipped, 0
+
+    def add(self, skipped: int, step: int, last_checkpoint: int | None) -> None:
+        if not skipped:
+            return
+        self.total += skipped
+        print(f"warning: {skipped} step(s) up to step {step} had a non-finite loss or gradient "
+              f"and were skipped ({self.total} in all)", file=sys.stderr, flush=True)
+        if self.max_skipped is not None and self.total >= self.max_skipped:
+            raise FloatingPointError(
+                f"training diverged: {self.total} steps up to step {step} had a non-finite loss "
+                f"or gradient (max_skipped_steps={self.max_skipped}); the last checkpoint is "
+                f"step {last_checkpoint}: lower the learning rate or restart from it")
+
+
 class SpikeGuard:
     """Loss-spike detection on the logged losses (a running median of the last 20 windows)."""
 

@@ -6,9 +6,11 @@ steps in between are dispatched without waiting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -35,6 +37,55 @@ def mean_metrics(window: list[Mapping[str, Any]]) -> dict[str, float]:
     host = jax.device_get(window)
     keys = host[0].keys() if host else []
     return {k: float(np.mean([np.asarray(m[k], np.float64) for m in host])) for k in keys}
+
+
+class LogWindow:
+    """The steps since the last log line: their device metrics (fetched once, at `flush`), the
+    wall time from the end of the first (compiling) step, less eval and checkpoint pauses, and
+    the host seconds spent reading and placing batches."""
+
+    def __init__(self, *, tokens_per_step: float, flops_per_token: float,
+                 peak_flops_per_device: float, schedule: Callable | None = None):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak, self.schedule = peak_flops_per_device, schedule
+        self.metrics: list[Mapping[str, Any]] = []
+        self.t_start: float | None = None
+        self.timed_steps, self.host_s = 0, 0.0
+
+    def add(self, step_metrics: Mapping[str, Any], state: Any, *, host_s: float) -> None:
+        self.metrics.append(step_metrics)
+        self.host_s += host_s
+        if self.t_start is None:  # the first step compiles: time throughput from its end
+            jax.block_until_ready(state.step)
+            self.t_start, self.timed_steps = time.perf_counter(), 0
+        else:
+            self.timed_steps += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Eval and checkpoint time is not training throughput."""
+        began = time.perf_counter()
+        yield
+        if self.t_start is not None:
+            self.t_start += time.perf_counter() - began
+
+    def flush(self, step: int) -> tuple[dict[str, float], int]:
+        """(the window's mean metrics plus throughput, MFU, step time, host data time per step
+        and learning rate; the number of steps in it), and starts a new window."""
+        scalars, steps = mean_metrics(self.metrics), len(self.metrics)
+        if self.timed_steps:
+            seconds = time.perf_counter() - self.t_start
+            scalars.update(throughput(
+                tokens=self.timed_steps * self.tokens_per_step, seconds=seconds,
+                flops_per_token=self.flops_per_token, num_devices=jax.device_count(),
+                peak_flops_per_device=self.peak))
+            scalars["step_time_s"] = seconds / self.timed_steps
+        # hidden while below the device's step time: the read overlaps the dispatched step
+        scalars["host_data_s_per_step"] = self.host_s / max(steps, 1)
+        if self.schedule is not None:
+            scalars["learning_rate"] = float(self.schedule(step))
+        self.metrics, self.t_start, self.timed_steps, self.host_s = [], time.perf_counter(), 0, 0.0
+        return scalars, steps
 
 
 class MetricsWriteError(RuntimeError):

@@ -7,7 +7,7 @@ import numpy as np
 
 from zhchat.models import t5
 from zhchat.models.encdec_model import EncoderDecoderModel
-from zhchat.trainer import optimizers, partitioning, train, train_state
+from zhchat.trainer import optimizers, partitioning, state_init, train_state
 
 
 def test_sharded_equals_unsharded():
@@ -34,7 +34,7 @@ def test_sharded_equals_unsharded():
             return fn(params, batch)
 
     single = partitioning.Partitioner(mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
-    boxed, _, _ = train.init_shardings(model, tx, single, shapes, jax.random.key(0))
+    boxed = state_init.StateInitializer(model, tx, single, shapes, jax.random.key(0)).boxed
     with single.activate():
         params = jax.jit(lambda k: nn.unbox(model.init_params(k, shapes)))(jax.random.key(0))
     grads1, metrics1 = loss_and_grads(params, batch, single)

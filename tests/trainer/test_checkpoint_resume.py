@@ -10,7 +10,7 @@ import pytest
 
 from conftest import CACHE_LEN, tiny_decoder
 from zhchat.tasks import cache_reader
-from zhchat.trainer import checkpoints, optimizers, partitioning, train
+from zhchat.trainer import checkpoints, optimizers, partitioning, state_init, train
 
 TX = optimizers.make_optimizer(learning_rate=1e-2)  # one object: runs share compiled steps
 
@@ -62,11 +62,9 @@ def test_restore_onto_a_different_mesh(cache_model_and_data, tmp_path):
                                    "decoder_loss_weights")}
     for part in (partitioning.Partitioner(mesh_shape=(2, 2, 2)),
                  partitioning.Partitioner(mesh_shape=(1, 1, 1), devices=jax.devices()[:1])):
-        _, state_sh, init_fn = train.init_shardings(model, tx, part, shapes, jax.random.key(0))
-        with part.activate():
-            abstract = jax.eval_shape(init_fn, jax.random.key(0))
-        state, data_state, step = ckpt.restore(
-            checkpoints.abstract_with_shardings(abstract, state_sh))
+        init = state_init.StateInitializer(model, tx, part, shapes, jax.random.key(0))
+        state_sh = init.shardings
+        state, data_state, step = init.restore(ckpt)
         assert step == 3 and int(state.step) == 3
         assert data_state["settings"]["batch_size"] == 8 and "grain" in data_state
         for got, sh, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(state_sh.params),

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from zhchat.gin_configs import cli as gin_cli
-from zhchat.trainer import train
+from zhchat.trainer import cli
 
 TINY = "--gin_file=gin_configs/models/decoder_tiny.gin"
 PRETRAIN = "--gin_file=gin_configs/runs/pretrain.gin"
@@ -40,7 +40,7 @@ def test_gin_typo_exits_2_naming_the_binding():
 ])
 def test_config_errors_in_process(args, needle, capsys, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
-    assert train.main([TINY, PRETRAIN] + args) == 2
+    assert cli.main([TINY, PRETRAIN] + args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("gin config error:") and needle in err
 
@@ -49,11 +49,11 @@ def test_an_unbound_macro_is_named_before_anything_runs(capsys, monkeypatch):
     """pretrain.gin without a model preset uses %MODEL that nothing defines: one line naming it
     and where it comes from, exit 2 (was a TypeError traceback from gin's `macro()`)."""
     monkeypatch.chdir(REPO_ROOT)
-    assert train.main([PRETRAIN]) == 2
+    assert cli.main([PRETRAIN]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("gin config error: macro MODEL is used but never defined")
     assert "models/decoder_tiny.gin" in err
-    assert train.main([TINY, PRETRAIN, "--gin.train.num_steps=%STEPS_TYPO"]) == 2
+    assert cli.main([TINY, PRETRAIN, "--gin.train.num_steps=%STEPS_TYPO"]) == 2
     assert "macro STEPS_TYPO is used but never defined" in capsys.readouterr().err
 
 
@@ -66,7 +66,7 @@ def test_gin_files_resolve_from_the_installed_folder(monkeypatch, tmp_path):
 
 def test_dry_run_65b_counts_params_without_allocating(capsys, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
-    assert train.main(["--gin_file=gin_configs/models/decoder_65b.gin", PRETRAIN,
+    assert cli.main(["--gin_file=gin_configs/models/decoder_65b.gin", PRETRAIN,
                        "--dry_run"]) == 0
     out = capsys.readouterr().out
     first = out.splitlines()[0]

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import random_batch
-from zhchat.trainer import optimizers, partitioning, train, train_state
+from zhchat.trainer import optimizers, partitioning, state_init, train_state
 
 
 def test_resolve_mesh_shape():
@@ -38,7 +38,8 @@ def test_param_and_optimizer_state_shardings(model):
     shapes = {k: (8, 16) for k in random_batch(8, 16, 64)}
     for name in ("adamw", "adafactor"):
         tx = optimizers.make_optimizer(name=name, learning_rate=1e-3)
-        boxed, state_sh, _ = train.init_shardings(model, tx, part, shapes, jax.random.key(0))
+        init = state_init.StateInitializer(model, tx, part, shapes, jax.random.key(0))
+        boxed, state_sh = init.boxed, init.shardings
         specs = jax.tree.leaves(part.logical_specs(boxed), is_leaf=lambda x: isinstance(x, P))
         assert specs and all(len(s) > 0 for s in specs), "every parameter has logical axes"
         params_sh = jax.tree.leaves(state_sh.params)
@@ -61,7 +62,7 @@ def test_sharded_equals_unsharded(model):
     shapes = {k: v.shape for k, v in batch.items()}
     tx = optimizers.make_optimizer(learning_rate=1e-3)
     single = partitioning.Partitioner(mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
-    boxed, _, _ = train.init_shardings(model, tx, single, shapes, jax.random.key(0))
+    boxed = state_init.StateInitializer(model, tx, single, shapes, jax.random.key(0)).boxed
     with single.activate():
         params = jax.jit(lambda k: nn.unbox(model.init_params(k, shapes)))(jax.random.key(0))
     grads1, metrics1 = _loss_and_grads(model, params, batch, single)
