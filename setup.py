@@ -48,5 +48,5 @@ setuptools.setup(
     package_data={"zhchat.gin_configs": ["**/*.gin"], "zhchat.tasks": ["*.txt"]},
     install_requires=_CORE + _DATA,
     extras_require={"dev": _DEV, "hf": _HF, "plot": _PLOT, "serve": _SERVE},
-    entry_points={"console_scripts": ["zhchat-train=zhchat.trainer.train:console_main"]},
+    entry_points={"console_scripts": ["zhchat-train=zhchat.trainer.cli:console_main"]},
 )
