@@ -20,9 +20,12 @@ from zhchat.trainer import train as train_lib
 
 def _distributed_init(args: argparse.Namespace) -> None:
     """`jax.distributed.initialize` from flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-    JAX_PROCESS_ID, when a coordinator is given (multi-host launch)."""
+    JAX_PROCESS_ID when a coordinator is given (multi-host launch), or with no arguments under
+    `--distributed=auto` (JAX detects the TPU pod or cluster)."""
     address = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not address:
+        if args.distributed == "auto":  # TPU pods, SLURM, ...: JAX finds the cluster itself
+            jax.distributed.initialize()
         return
     num = args.num_processes or os.environ.get("JAX_NUM_PROCESSES")
     pid = args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID")
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--coordinator_address", default=None)
         parser.add_argument("--num_processes", type=int, default=None)
         parser.add_argument("--process_id", type=int, default=None)
+        parser.add_argument("--distributed", choices=("off", "auto"), default="off",
+                            help="auto: jax.distributed.initialize() with no arguments (the "
+                            "cluster detected by JAX, e.g. every host of a TPU pod)")
         args = parser.parse_args(rest)
         gin_cli.parse_gin(files, bindings)
         gin_cli.check_unbound_macros()

@@ -97,3 +97,21 @@ def test_runs_without_grain(tmp_path):
     assert run.returncode == 2, run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
     assert "make_cache_iterator" in last and "needs grain" in last
+
+
+def test_distributed_auto_initialises_jax_without_arguments(monkeypatch):
+    """--distributed=auto (the TPU-pod launcher's flag) leaves the cluster to JAX's detection;
+    without it and without a coordinator nothing is initialised (one-host runs)."""
+    import argparse
+
+    calls = []
+    monkeypatch.setattr(cli.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    args = dict(coordinator_address=None, num_processes=None, process_id=None)
+    cli._distributed_init(argparse.Namespace(distributed="off", **args))
+    assert calls == []
+    cli._distributed_init(argparse.Namespace(distributed="auto", **args))
+    assert calls == [{}]
+    cli._distributed_init(argparse.Namespace(
+        distributed="off", **dict(args, coordinator_address="h:1", num_processes=2, process_id=1)))
+    assert calls[-1] == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
