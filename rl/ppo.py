@@ -1,13 +1,14 @@
 """PPO (RLHF, InstructGPT step 3) for a decoder or T5 policy: the gin-configured loop.
 
-Per iteration: a batch of prompts -> responses from the jitted KV-cache sampler -> experience
-(rl/ppo_step.py: log-probs, reference log-probs, values, scores, KL-shaped rewards, GAE) ->
-`ppo_epochs` epochs of minibatch updates of the policy and the critic (optionally stopping early
-once approx-KL passes `target_kl_early_stop`) -> KL-coefficient update -> metrics (TensorBoard +
-metrics.jsonl through trainer/metrics.py) -> orbax checkpoint (trainer/checkpoints.py) of policy,
-critic, reward statistics, KL coefficient and prompt position, from which a run resumes. The frozen
-reference is not saved: it is the policy's starting parameters (`policy_params`, e.g. read from the
-SFT checkpoint, or the seeded init), rebuilt from that source when a run resumes.
+Per iteration (rl/ppo_learner.py): a batch of prompts -> responses from the jitted KV-cache
+sampler -> experience (rl/ppo_step.py: log-probs, reference log-probs, values, scores, KL-shaped
+rewards, GAE) -> `ppo_epochs` epochs of minibatch updates of the policy and the critic -> the
+KL-coefficient update. This loop around it uses the trainer's parts: metrics (TensorBoard +
+metrics.jsonl), orbax checkpoints of policy, critic, reward statistics, KL coefficient and prompt
+position (a failed background save stops the run; a resumed run continues from them), SIGTERM
+(a final checkpoint) and the error path that releases writer threads. The frozen reference is
+not saved: it is the policy's starting parameters (`policy_params`, e.g. read from the SFT
+checkpoint, or the seeded init), rebuilt from that source when a run resumes.
 
 Policy, reference, critic and reward model live on one mesh (trainer/partitioning.py): parameters by
 their logical axes, rollout batches split over the data axes. The reward is a RewardModel
@@ -17,9 +18,8 @@ their logical axes, rollout batches split over the data axes. The reward is a Re
 
 from __future__ import annotations
 
-import functools
 import os
-import time
+import sys
 from typing import Any, Callable
 
 import gin
@@ -27,26 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zhchat.rl import heads, kl_controller, ppo_step, roles, rollout
+from zhchat.rl import heads, kl_controller, ppo_learner, ppo_step, roles
 from zhchat.rl.reward_model import RewardModel, check_same_vocabulary
 from zhchat.trainer import checkpoints as ckpt_lib
+from zhchat.trainer import faults, feed, optimizers, partitioning
 from zhchat.trainer import metrics as metrics_lib
-from zhchat.trainer import optimizers, partitioning
-from zhchat.trainer import feed
-
-
-def _running_stats(stats: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Chan et al.'s merge of (count, mean, M2) with a batch of scores."""
-    n, mean, m2 = stats
-    b = scores.size
-    b_mean, b_m2 = float(scores.mean()), float(((scores - scores.mean()) ** 2).sum())
-    total = n + b
-    delta = b_mean - mean
-    return np.array([total, mean + delta * b / total, m2 + b_m2 + delta ** 2 * n * b / total])
-
-
-def _abstract_like(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 @gin.configurable
@@ -88,10 +73,9 @@ def train_ppo(*, policy: Any = gin.REQUIRED, critic: RewardModel = gin.REQUIRED,
     prompt_it = feed.make_iterator(prompts, batch_size=batch_size, seed=seed)
     first = np.asarray(next(prompt_it)["prompt_tokens"], np.int32)
     prompt_len, resp_len = first.shape[1], cfg.max_decode_length
-    p_rng, c_rng, s_rng = jax.random.split(jax.random.key(seed), 3)
+    p_rng, c_rng, _ = jax.random.split(jax.random.key(seed), 3)
     p_tx = policy_optimizer or optimizers.make_optimizer()
     c_tx = critic_optimizer or optimizers.make_optimizer()
-    batch_sh, rep = partitioner.batch_sharding, partitioner.replicated
 
     p_shapes = roles.response_shapes(policy, prompt_len, resp_len)
     actor = roles.actor(policy, p_tx, partitioner, p_shapes, p_rng, policy_params)
@@ -103,94 +87,76 @@ def train_ppo(*, policy: Any = gin.REQUIRED, critic: RewardModel = gin.REQUIRED,
     ref = roles.reference(actor)
     judge = roles.reward(reward_model, reward_params, partitioner, roles.response_shapes(
         reward_model.backbone, prompt_len, resp_len) if reward_model is not None else {}, c_rng)
-    p_state, p_sh, c_state, c_sh = actor.state, actor.shardings, value.state, value.shardings
-    ref_params, reward_params = ref.params, judge.params
+    learner = ppo_learner.PPOLearner(actor=actor, critic=value, reference=ref, reward=judge,
+                                     reward_fn=reward_fn, cfg=cfg, kl=kl, partitioner=partitioner,
+                                     batch_size=batch_size, prompt_len=prompt_len, seed=seed)
+    ptx_it = (None if ptx_data is None or cfg.ptx_coef == 0 else feed.make_iterator(
+        ptx_data, batch_size=batch_size // cfg.num_minibatches, seed=seed))
+    next_ptx = None if ptx_it is None else (
+        lambda: _stack([next(ptx_it) for _ in range(cfg.num_minibatches)]))
+
     with partitioner.activate():
-        stats = np.array([0.0, 0.0, 0.0])
-        start, prompt_start = 0, None
-        checkpointer = None
+        start, checkpointer = 0, None
         if run_dir:
             checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"),
                                                  keep=keep_checkpoints, save_every=checkpoint_every,
                                                  async_save=True)
             if checkpointer.latest_step() is not None:
-                tree = {"policy": p_state, "critic": c_state}
-                restored, data, start = checkpointer.restore(_abstract_like(tree))
-                p_state, c_state = restored["policy"], restored["critic"]
-                stats, kl.value = np.asarray(data["reward_stats"]), float(data["kl_coef"])
-                prompt_start = data.get("prompt_state")
-        if prompt_start is not None and hasattr(prompt_it, "set_state"):
-            prompt_it.set_state(prompt_start)
-            first = None
-        elif start:  # no resumable position: skip the prompt batches already used
-            for _ in range(start - 1):
-                next(prompt_it)
-            first = np.asarray(next(prompt_it)["prompt_tokens"], np.int32)
-
-        score_fn = jax.jit(functools.partial(ppo_step.scores, eos_id=policy.eos_id,
-                                             reward_model=reward_model, reward_fn=reward_fn),
-                           out_shardings=rep)
-        exp_fn = jax.jit(functools.partial(ppo_step.experience, cfg=cfg, policy=policy,
-                                           critic=critic), out_shardings=(batch_sh, rep))
-        constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=batch_sh)
-        epoch_fn = jax.jit(functools.partial(ppo_step.train_epoch, cfg=cfg, policy=policy,
-                                             critic=critic, constrain=constrain),
-                           out_shardings=(p_sh, c_sh, rep), donate_argnums=(0, 1))
-        ptx_it = (None if ptx_data is None or cfg.ptx_coef == 0 else feed.make_iterator(
-            ptx_data, batch_size=batch_size // cfg.num_minibatches, seed=seed))
+                start, prompt_start = learner.restore(checkpointer)
+                print(f"restored PPO iteration {start} from {checkpointer.directory}/{start}",
+                      file=sys.stderr, flush=True)
+                first = _resume_prompts(prompt_it, prompt_start, start)
         writer = metrics_lib.MetricsWriter(run_dir, total_steps=num_iterations, initial_step=start,
                                            progress_bar=progress_bar)
-        history = []
-        for it in range(start, num_iterations):
-            batch = first if first is not None else np.asarray(next(prompt_it)["prompt_tokens"], np.int32)
-            first = None
-            prompts_dev = jax.device_put(np.asarray(rollout.left_pad(jnp.asarray(batch), policy.pad_id)),
-                                         batch_sh)
-            t0 = time.perf_counter()
-            responses = rollout.generate(policy, p_state.params, prompts_dev,
-                                         jax.random.fold_in(s_rng, it),
-                                         max_decode_length=resp_len, temperature=cfg.temperature,
-                                         top_k=cfg.top_k, top_p=cfg.top_p)
-            responses = jax.block_until_ready(jax.device_put(responses, batch_sh))
-            t_rollout = time.perf_counter() - t0
-            score = score_fn(reward_params, prompts_dev, responses)
-            stats = _running_stats(stats, np.asarray(jax.device_get(score), np.float64))
-            std = float(np.sqrt(stats[2] / stats[0])) if stats[0] > 1 else 1.0
-            exp, roll = exp_fn(p_state.params, ref_params, c_state.params, prompts_dev, responses,
-                               score, jnp.float32(kl.value), jnp.float32(stats[1]),
-                               jnp.float32(max(std, 1e-4)))
-            t0, epochs, parts = time.perf_counter(), 0, []
-            for epoch in range(cfg.ppo_epochs):
-                perm = np.random.default_rng([seed, it, epoch]).permutation(batch_size)
-                ptx = None if ptx_it is None else _stack([next(ptx_it) for _ in range(cfg.num_minibatches)])
-                p_state, c_state, m = epoch_fn(p_state, c_state, exp, jnp.asarray(perm), ptx)
-                parts.append(m)
-                epochs += 1
-                if cfg.target_kl_early_stop is not None and float(m["approx_kl"]) > cfg.target_kl_early_stop:
+        preempted, history, done = faults.Preemption(), [], start
+        try:
+            for it in range(start, num_iterations):
+                if preempted.requested:
+                    print(f"SIGTERM: stopping at PPO iteration {it} with a final checkpoint",
+                          file=sys.stderr, flush=True)
                     break
-            train_m = metrics_lib.mean_metrics(parts)
-            t_train = time.perf_counter() - t0
-            roll = jax.device_get(roll)
-            scalars = {k: float(v) for k, v in roll.items()}
-            scalars.update(train_m)
-            scalars.update({"kl_coef": kl.value, "ppo_epochs_run": epochs,
-                            "rollout_tokens_per_sec": scalars["num_response_tokens"] / max(t_rollout, 1e-9),
-                            "train_tokens_per_sec": epochs * batch_size * (prompt_len + resp_len)
-                            / max(t_train, 1e-9)})
-            kl.update(scalars["kl"], batch_size)
-            writer.write(it + 1, scalars, prefix="ppo")
-            writer.advance()
-            history.append({"iteration": it + 1, **scalars})
+                batch = first if first is not None else np.asarray(
+                    next(prompt_it)["prompt_tokens"], np.int32)
+                first = None
+                scalars = learner.iteration(it, batch, next_ptx)
+                done = it + 1
+                writer.write(done, scalars, prefix="ppo")
+                writer.advance()
+                history.append({"iteration": done, **scalars})
+                if checkpointer is not None:
+                    checkpointer.check()  # a background save that failed stops the run now
+                    checkpointer.save(done, learner.state_tree(), _data(learner, prompt_it),
+                                      force=(done == num_iterations))
             if checkpointer is not None:
-                data = {"reward_stats": stats.tolist(), "kl_coef": kl.value,
-                        "prompt_state": prompt_it.get_state() if hasattr(prompt_it, "get_state") else None}
-                checkpointer.save(it + 1, {"policy": p_state, "critic": c_state}, data,
-                                  force=(it + 1 == num_iterations))
-        if checkpointer is not None:
-            checkpointer.close()
-        writer.close()
-    return {"iteration": num_iterations, "history": history, "policy_state": p_state,
-            "critic_state": c_state, "reference_params": ref_params}
+                if done > start and done < num_iterations:  # preempted: keep what was done
+                    checkpointer.save(done, learner.state_tree(), _data(learner, prompt_it),
+                                      force=True)
+                checkpointer.close()
+            writer.close()
+        except BaseException:
+            faults.close_quietly(writer, checkpointer)  # a failed write or Ctrl-C: no hang at exit
+            raise
+        finally:
+            preempted.restore()
+    return {"iteration": done, "history": history, "policy_state": actor.state,
+            "critic_state": value.state, "reference_params": ref.params}
+
+
+def _data(learner: ppo_learner.PPOLearner, prompt_it: Any) -> dict[str, Any]:
+    """The checkpoint's data item: the learner's statistics and the prompt position."""
+    return {**learner.data(),
+            "prompt_state": prompt_it.get_state() if hasattr(prompt_it, "get_state") else None}
+
+
+def _resume_prompts(prompt_it: Any, prompt_state: Any, start: int) -> np.ndarray | None:
+    """Moves the prompt stream to where a resumed run stopped; returns the first batch to use
+    when it had to be read to get there (None: the saved position was restored)."""
+    if prompt_state is not None and hasattr(prompt_it, "set_state"):
+        prompt_it.set_state(prompt_state)
+        return None
+    for _ in range(start - 1):  # no resumable position: skip the batches already used
+        next(prompt_it)
+    return np.asarray(next(prompt_it)["prompt_tokens"], np.int32)
 
 
 def _stack(batches: list[dict]) -> dict:
