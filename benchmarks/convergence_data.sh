@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the data that benchmarks/convergence_gpu.sh trains on (our decoder_100m / T5 v1.1-small vs
-# HF transformers), on a CPU machine with TensorFlow + seqio (the GPU image has neither):
+# Builds the data that the convergence benchmarks train on (`python -m zhchat.benchmarks.run
+# convergence_decoder_100m ...`: our decoder_100m / T5 v1.1-small vs HF transformers), on a CPU
+# machine with TensorFlow + seqio (the GPU image has neither):
 #   1. out/cleaned/all_raw/    cleaned + deduplicated ../shared/data/raw (16 jsonl.gz shards, report)
 #   2. $CONV_DATA/spm.{model,vocab,stats.json}  32000-piece unigram SentencePiece (+100 extra ids at
 #                              load time: ids < 32100, inside the presets' 32128-row embeddings)
@@ -9,8 +10,9 @@
 #      $CONV_DATA/t5_train    22,400 rows, span corruption inputs 512 / targets 114 (task
 #                              zh_cleaned_span_corruption, split train; 48.7 MiB; 350 batches of 64)
 #      $CONV_DATA/t5_val         256 rows (split validation; 0.6 MiB)
-# CONV_DATA defaults to out/conv (as in convergence_gpu.sh). The caches are prefixes of their splits
-# in file order (--max_examples), sized so that each set (train + val + spm.model) stays under ~55 MiB.
+# CONV_DATA defaults to out/conv (the runner's {conv}: --data_root/conv). The caches are prefixes of
+# their splits in file order (--max_examples), sized so that each set (train + val + spm.model) stays
+# under ~55 MiB.
 # The held-out split is the tasks' own: 2% of documents by an md5 hash of the document id
 # (tasks/lm.split_of, VALIDATION_FRACTION in gin_configs/tasks/cleaned_*.gin, the same documents for
 # both tasks), so no held-out document is in a train cache. The tokenizer is trained on all cleaned

@@ -1,4 +1,4 @@
-# Sourced by the GPU scripts (gpu_suite.sh, packed_gpu.sh, convergence_gpu.sh, ...) from the
+# Sourced by benchmarks/gpu_suite.sh (the GPU side of `python -m zhchat.benchmarks.run`) from the
 # repository root: makes `zhchat` importable from a plain checkout (the namespace is assembled from
 # symlinks when the package is not installed, as on GPU images without a build toolchain), installs
 # carried wheels from .whl/ when present (gin, grain, array-record: the cache reader), then leaves
@@ -17,8 +17,8 @@ repo=$PWD
 cd /tmp
 export PYTHONUNBUFFERED=1
 bundle_out() {  # bundle_out OUT DIR...: at most 8 files come back from a device call, so the
-  # logs/HLO/perfetto traces under OUT go into one archive (15 MB parts when larger); the xplane
-  # protos stay behind (large)
+  # logs/outputs/perfetto traces under OUT go into one archive (15 MB parts when larger); the xplane
+  # protos and checkpoint folders stay behind (large)
   local o=$1; shift
   for d in "$o"/profiles/*/; do
     [ -d "$d" ] || continue
@@ -27,7 +27,8 @@ bundle_out() {  # bundle_out OUT DIR...: at most 8 files come back from a device
   done
   find "$o/profiles" -mindepth 1 -type d -prune -exec rm -rf {} + 2>/dev/null
   local dirs=(); for d in "$@"; do [ -d "$o/$d" ] && dirs+=("$d"); done
-  tar czf "$o/bundle.tgz" -C "$o" "${dirs[@]}" && (cd "$o" && rm -rf "${dirs[@]}")
+  [ ${#dirs[@]} -gt 0 ] || return 0
+  tar czf "$o/bundle.tgz" --exclude=checkpoints -C "$o" "${dirs[@]}" && (cd "$o" && rm -rf "${dirs[@]}")
   if [ "$(stat -c %s "$o/bundle.tgz")" -gt 15000000 ]; then
     split -b 15000000 -d "$o/bundle.tgz" "$o/bundle.tgz.part" && rm "$o/bundle.tgz"
   fi

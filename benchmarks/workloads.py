@@ -139,7 +139,7 @@ def tokens_per_example(workload: Workload) -> int:
 
 def emit(result: dict[str, Any], out: str | None) -> None:
     """Prints a result as one json line and appends it to `out` when given (named by the
-    ZHCHAT_BENCH_RUN environment variable when the GPU scripts set it)."""
+    ZHCHAT_BENCH_RUN environment variable, which the runner sets to the benchmark's name)."""
     if os.environ.get("ZHCHAT_BENCH_RUN"):
         result = {"run": os.environ["ZHCHAT_BENCH_RUN"], **result}
     line = json.dumps(result)

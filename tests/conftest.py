@@ -19,6 +19,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 DEMO_DATA = REPO / "data" / "demo"
 
 
+def pytest_configure(config):
+    # the GPU-only tests (they also skip without one); CPU is pinned above unless JAX_PLATFORMS is
+    # set, so on the GPU machine: JAX_PLATFORMS=cuda python -m pytest -m gpu tests
+    config.addinivalue_line("markers", "gpu: needs a GPU; run with JAX_PLATFORMS=cuda "
+                                       "python -m pytest -m gpu tests")
+
+
 def model_from_preset(name: str):
     """The model wrapper (`%MODEL`) of gin_configs/models/<name>.gin, leaving no gin state."""
     import gin

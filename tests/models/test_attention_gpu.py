@@ -1,7 +1,8 @@
 """GPU-only: cuDNN's packed flash attention (models/attention.py) equals the masked XLA reference,
 forward and backward, in bf16 (skipped without a Hopper GPU).
 
-Run on the GPU machine: python -m pytest tests/models/test_attention_gpu.py -q
+Marked `gpu`: on the GPU machine all GPU tests run with
+`JAX_PLATFORMS=cuda python -m pytest -m gpu tests` (docs/benchmarks.md).
 """
 
 import jax
@@ -11,8 +12,9 @@ import pytest
 
 from zhchat.models import attention, layers
 
-pytestmark = pytest.mark.skipif(not attention.cudnn_packed_available(),
-                                reason="needs a Hopper GPU (cuDNN packed attention)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not attention.cudnn_packed_available(),
+                                 reason="needs a Hopper GPU (cuDNN packed attention)")]
 
 
 def _packing(b, t, rng, mean_len):

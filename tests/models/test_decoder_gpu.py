@@ -1,6 +1,7 @@
 """GPU-only checks of the attention dispatch: cuDNN flash attention matches XLA (skipped on CPU).
 
-Run on the GPU machine: python -m pytest tests/models/test_decoder_gpu.py -q
+Marked `gpu`: on the GPU machine all GPU tests run with
+`JAX_PLATFORMS=cuda python -m pytest -m gpu tests` (docs/benchmarks.md).
 """
 
 import dataclasses
@@ -15,8 +16,9 @@ from zhchat.models import layers
 from zhchat.models.decoder import DecoderConfig
 from zhchat.models.decoder_model import DecoderOnlyModel
 
-pytestmark = pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()),
-                                reason="needs a GPU (cuDNN flash attention)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()),
+                                 reason="needs a GPU (cuDNN flash attention)")]
 CFG = DecoderConfig(vocab_size=256, emb_dim=256, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=64, mlp_dim=512, dtype="bfloat16", attention_impl="auto")
 
