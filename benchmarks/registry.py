@@ -218,6 +218,15 @@ for m, flags in ((D1B, ()), (T5L, ("--prompt_len=512",))):
     decode(f"{m}.synthetic.hf_generate", f"{m}: HF generate with its KV cache, same prompts", m,
            "hf", *flags)
 
+# --- Serving (issue 20): the HTTP server, batched vs one request at a time ----------------------
+_add(Benchmark("decoder_1b.serve.throughput", "serve",
+               "decoder_1b (fresh bf16 init): /v1/completions at 1/16/64/256 concurrent streaming "
+               "clients, continuous batching (64 rows) vs sequential; req/s, tok/s, TTFT",
+               (Call("zhchat.benchmarks.serve_throughput",
+                     ("--vocab={conv}/spm.model", "--gin_file=models/decoder_1b.gin",
+                      "--gin.VOCAB_SIZE=32128", "--param_dtype=bfloat16", "--max_batch=64",
+                      "--max_tokens=64", f"--out={RECORDS}")),), timeout_s=600))
+
 # --- Convergence against HF (issue 14) ------------------------------------------------------------
 DEC_CONV = ("--gin_file=models/decoder_100m.gin", "--train_cache={conv}/dec_train",
             "--eval_cache={conv}/dec_val", "--batch_size=32", "--warmup_steps=100",
@@ -352,6 +361,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "zero_chatgpt_100m.pairs_rm_ppo_eval.pipeline"),
     "cpu": ("demo.embedded_corpus.demo", "demo.pretrain_recipe.sweep",
             "tokenizer_32k.shared_corpus.vocab", "raw_corpora.minhash_lsh.dedup"),
+    "serve": ("decoder_1b.serve.throughput",),
     "smoke": ("decoder_tiny.synthetic.train_step", "t5_tiny.synthetic.train_step"),
 }
 
