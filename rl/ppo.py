@@ -108,8 +108,8 @@ def train_ppo(*, policy: Any = gin.REQUIRED, critic: RewardModel = gin.REQUIRED,
                 first = _resume_prompts(prompt_it, prompt_start, start)
         writer = metrics_lib.MetricsWriter(run_dir, total_steps=num_iterations, initial_step=start,
                                            progress_bar=progress_bar)
-        preempted, history, done = faults.Preemption(), [], start
-        try:
+        history, done = [], start
+        with faults.guarded_run(writer, checkpointer) as preempted:
             for it in range(start, num_iterations):
                 if preempted.requested:
                     print(f"SIGTERM: stopping at PPO iteration {it} with a final checkpoint",
@@ -133,11 +133,6 @@ def train_ppo(*, policy: Any = gin.REQUIRED, critic: RewardModel = gin.REQUIRED,
                                       force=True)
                 checkpointer.close()
             writer.close()
-        except BaseException:
-            faults.close_quietly(writer, checkpointer)  # a failed write or Ctrl-C: no hang at exit
-            raise
-        finally:
-            preempted.restore()
     return {"iteration": done, "history": history, "policy_state": actor.state,
             "critic_state": value.state, "reference_params": ref.params}
 

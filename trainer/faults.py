@@ -3,8 +3,9 @@ preemption (SIGTERM -> a final checkpoint) and closing writers on the error path
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -68,6 +69,21 @@ class SpikeGuard:
               f"batches of steps {from_step + 1}-{step} (rollback {self.rollbacks} of "
               f"{self.max_rollbacks})", file=sys.stderr, flush=True)
         return restored.replace(step=state.step)
+
+
+@contextlib.contextmanager
+def guarded_run(writer: Any, checkpointer: Any) -> Iterator["Preemption"]:
+    """The body of a train loop: SIGTERM is watched (`Preemption.requested`) while it runs, and
+    an error or Ctrl-C releases the metrics and checkpoint writer threads before it propagates
+    (so the process cannot hang at exit); the previous SIGTERM handler is put back after."""
+    preempted = Preemption()
+    try:
+        yield preempted
+    except BaseException:
+        close_quietly(writer, checkpointer)
+        raise
+    finally:
+        preempted.restore()
 
 
 def close_quietly(writer: Any, checkpointer: Any) -> None:

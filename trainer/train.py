@@ -104,60 +104,52 @@ def train(*, model: Any = gin.REQUIRED, train_data: Any = None, eval_data: Any =
                                 peak_flops_per_device=peak_flops_per_device, schedule=schedule)
     skips, spikes = faults.SkipCounter(max_skipped_steps), faults.SpikeGuard(spike_factor,
                                                                               max_rollbacks)
-    preempted, history, eval_history = faults.Preemption(), [], []
-    data_state, ran = None, False
-    with partitioner.activate():
-        try:
-            for step in range(start, num_steps):
-                if preempted.requested:
-                    print(f"SIGTERM: stopping at step {step} with a final checkpoint",
-                          file=sys.stderr, flush=True)
-                    break
-                t_read = time.perf_counter()
-                fetched = _next_batch(batches, step, num_steps)
-                if fetched is None:
-                    break
-                batch, data_state = fetched
-                t_step = time.perf_counter()
-                state, step_metrics = step_fn(state, batch, step_rng)
-                t_dispatched = time.perf_counter()
-                batches.prefetch()  # overlaps the host's next read with this step on the device
-                log.add(step_metrics, state, host_s=(t_step - t_read)
-                        + (time.perf_counter() - t_dispatched))
-                ran, done = True, step + 1
+    history, eval_history, data_state, ran = [], [], None, False
+    with partitioner.activate(), faults.guarded_run(writer, checkpointer) as preempted:
+        for step in range(start, num_steps):
+            if preempted.requested:
+                print(f"SIGTERM: stopping at step {step} with a final checkpoint",
+                      file=sys.stderr, flush=True)
+                break
+            t_read = time.perf_counter()
+            fetched = _next_batch(batches, step, num_steps)
+            if fetched is None:
+                break
+            batch, data_state = fetched
+            t_step = time.perf_counter()
+            state, step_metrics = step_fn(state, batch, step_rng)
+            t_dispatched = time.perf_counter()
+            batches.prefetch()  # overlaps the host's next read with this step on the device
+            log.add(step_metrics, state, host_s=(t_step - t_read)
+                    + (time.perf_counter() - t_dispatched))
+            ran, done = True, step + 1
 
-                if done % log_every == 0 or done == num_steps:
-                    scalars, steps = log.flush(done)
-                    skips.add(round(scalars.get("skipped", 0.0) * steps), done,
-                              checkpointer.latest_step() if checkpointer is not None else None)
-                    if spikes.is_spike(scalars.get("loss")) and checkpointer is not None:
-                        state = spikes.roll_back(state, checkpointer, done, scalars["loss"],
-                                                 init.abstract)
-                    writer.write(done, scalars)
-                    history.append({"step": done, **scalars})
-                with log.paused():
-                    if eval_every and done % eval_every == 0 and (evaluate.enabled or eval_hooks):
-                        results = evaluate(state.params) if evaluate.enabled else {}
-                        for hook in eval_hooks:  # e.g. seqio metrics (generate -> metric_fns)
-                            results.update(hook(done, state.params))
-                        writer.write(done, results, prefix="eval")
-                        eval_history.append({"step": done, **results})
-                    if checkpointer is not None:
-                        checkpointer.check()  # a background save that failed stops the run now
-                        checkpointer.save(done, state, data_state)
-                writer.advance()
+            if done % log_every == 0 or done == num_steps:
+                scalars, steps = log.flush(done)
+                skips.add(round(scalars.get("skipped", 0.0) * steps), done,
+                          checkpointer.latest_step() if checkpointer is not None else None)
+                if spikes.is_spike(scalars.get("loss")) and checkpointer is not None:
+                    state = spikes.roll_back(state, checkpointer, done, scalars["loss"],
+                                             init.abstract)
+                writer.write(done, scalars)
+                history.append({"step": done, **scalars})
+            with log.paused():
+                if eval_every and done % eval_every == 0 and (evaluate.enabled or eval_hooks):
+                    results = evaluate(state.params) if evaluate.enabled else {}
+                    for hook in eval_hooks:  # e.g. seqio metrics (generate -> metric_fns)
+                        results.update(hook(done, state.params))
+                    writer.write(done, results, prefix="eval")
+                    eval_history.append({"step": done, **results})
+                if checkpointer is not None:
+                    checkpointer.check()  # a background save that failed stops the run now
+                    checkpointer.save(done, state, data_state)
+            writer.advance()
 
-            if checkpointer is not None:
-                if ran:
-                    checkpointer.save(int(jax.device_get(state.step)), state, data_state,
-                                      force=True)
-                checkpointer.close()
-            writer.close()
-        except BaseException:
-            faults.close_quietly(writer, checkpointer)  # a failed write or Ctrl-C: no hang at exit
-            raise
-        finally:
-            preempted.restore()
+        if checkpointer is not None:
+            if ran:
+                checkpointer.save(int(jax.device_get(state.step)), state, data_state, force=True)
+            checkpointer.close()
+        writer.close()
     return {"step": int(jax.device_get(state.step)),
             "loss": history[-1]["loss"] if history else float("nan"), "history": history,
             "eval_history": eval_history, "num_params": init.num_params, "state": state,
