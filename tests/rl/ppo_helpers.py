@@ -22,12 +22,13 @@ def prompts(batch_size, seed, shard_index, shard_count):
 
 
 def run(arch: str, *, iterations: int, num_devices: int = 1, batch_size: int = 16, run_dir=None,
-        kl_coef: float = 0.05, lr: float = 3e-3, kl_target: float | None = None, **cfg_kwargs):
+        kl_coef: float = 0.05, lr: float = 3e-3, kl_target: float | None = None,
+        prompt_source=prompts, **cfg_kwargs):
     policy = tiny_t5() if arch == "t5" else tiny_decoder()
     critic = reward_model.RewardModel(backbone=policy, head_init_scale=0.0)
     cfg = ppo_step.PPOConfig(**{"max_decode_length": 8, "ppo_epochs": 2, "num_minibatches": 2,
                                 **cfg_kwargs})
-    return ppo.train_ppo(policy=policy, critic=critic, prompts=prompts, reward_fn=count_target,
+    return ppo.train_ppo(policy=policy, critic=critic, prompts=prompt_source, reward_fn=count_target,
                          config=cfg, kl=kl_controller.KLController(
                              init_coef=kl_coef, adaptive=kl_target is not None, target=kl_target or 1.0,
                              horizon=40),

@@ -1,5 +1,6 @@
 """PPO on a toy reward (count of a target token): the decoder policy's reward rises while the KL to
-the reference stays bounded; metrics reach metrics.jsonl; a run resumes from its checkpoint."""
+the reference stays bounded; metrics reach metrics.jsonl; a run resumes from its checkpoint,
+and SIGTERM ends it with a final checkpoint."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import numpy as np
 
-from ppo_helpers import run
+from ppo_helpers import prompts, run
 
 METRICS = ("reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "response_length",
            "approx_kl", "explained_variance", "rollout_tokens_per_sec", "train_tokens_per_sec")
@@ -45,3 +46,28 @@ def test_ppo_resumes_from_checkpoint(tmp_path):
     for a, b in zip(full["history"][2:], resumed["history"]):
         np.testing.assert_allclose(a["reward_mean"], b["reward_mean"], rtol=1e-5)
         np.testing.assert_allclose(a["value_loss"], b["value_loss"], rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_stops_ppo_with_a_final_checkpoint_and_the_restart_continues(tmp_path, capfd):
+    """The scheduler's SIGTERM while iteration 3's prompts are read: the iteration under way
+    finishes, a checkpoint of it is written (checkpoint_every=2 would not have), the handler is
+    put back, and a restart continues with the next iteration."""
+    import os
+    import signal
+
+    def preempting(batch_size, seed, shard_index, shard_count):
+        for i, batch in enumerate(prompts(batch_size, seed, shard_index, shard_count)):
+            if i == 2:  # the batch of iteration 3 (the first is read ahead)
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    out = run("decoder", iterations=8, run_dir=str(tmp_path), prompt_source=preempting)
+    assert "SIGTERM: stopping at PPO iteration" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    stopped = out["iteration"]
+    assert 3 <= stopped < 8 and stopped % 2 == 1  # odd: only the final checkpoint holds it
+    kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert kept[-1] == stopped
+    resumed = run("decoder", iterations=stopped + 1, run_dir=str(tmp_path))
+    assert "restored PPO iteration" in capfd.readouterr().err
+    assert [h["iteration"] for h in resumed["history"]] == [stopped + 1]
