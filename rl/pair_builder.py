@@ -17,7 +17,7 @@ import gin
 import jax
 import numpy as np
 
-from zhchat.rl import heads, rollout
+from zhchat.rl import layouts, rollout
 from zhchat.tasks import chat_template
 from zhchat.tasks.sources import SkipCounter
 
@@ -30,15 +30,14 @@ def build_pairs(*, model: Any = gin.REQUIRED, params: Any = gin.REQUIRED, vocab:
                 max_pairs: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Writes pairs for `dialogues` ((id, messages ending with an assistant reply), e.g.
     tasks/sft_sources.iter_alpaca / iter_sharegpt); returns {"pairs", "skipped": {reason: n}}."""
-    limit = getattr(model.config, "max_len", None)  # a decoder's positions; a T5 has no limit
-    if limit is not None and not heads.is_encoder_decoder(model) \
-            and max_prompt_len + max_decode_length > limit:
+    layout = layouts.layout_for(model)
+    limit = layout.context_limit(model.config)  # a decoder's positions; a T5 has no limit
+    if limit is not None and max_prompt_len + max_decode_length > limit:
         raise ValueError(f"max_prompt_len {max_prompt_len} + max_decode_length "
                          f"{max_decode_length} exceeds the model's max_len {limit}")
     skips, written = SkipCounter(), 0
     pending: list[tuple[str, list[dict], str, list[int]]] = []
     rng = jax.random.key(seed)
-    encdec = heads.is_encoder_decoder(model)
 
     def flush(out) -> int:
         nonlocal rng
@@ -49,7 +48,7 @@ def build_pairs(*, model: Any = gin.REQUIRED, params: Any = gin.REQUIRED, vocab:
             rows[i, :len(ids)] = ids
         rows[len(pending):, 0] = vocab.eos_id  # filler rows need one real token
         rng, key = jax.random.split(rng)
-        prompts = rows if encdec else np.asarray(rollout.left_pad(rows, model.pad_id))
+        prompts = np.asarray(layout.sampling_prompts(rows, model.pad_id))
         out_ids = np.asarray(rollout.generate(model, params, prompts, key,
                                               max_decode_length=max_decode_length,
                                               temperature=temperature, top_p=top_p))

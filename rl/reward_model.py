@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from zhchat.models.base_model import Batch, BaseModel, Params
-from zhchat.rl import heads, losses
+from zhchat.rl import heads, layouts, losses
 
 LOSSES = ("pairwise", "ranking", "direct")
 
@@ -37,7 +37,8 @@ class RewardModel(BaseModel):
 
     def __init__(self, *, backbone: Any = gin.REQUIRED, loss: str = "pairwise",
                  head_init_scale: float = 1.0):
-        self.encdec = heads.is_encoder_decoder(backbone)
+        self.layout = layouts.layout_for(backbone)
+        self.encdec = self.layout.encoder_decoder
         if loss not in LOSSES:
             raise ValueError(f"RewardModel.loss={loss!r}: expected one of {LOSSES}")
         self.backbone, self.loss = backbone, loss
@@ -60,13 +61,12 @@ class RewardModel(BaseModel):
                 "encoder_input_tokens", (1, dec_len)))[-1])
         b_rng, h_rng = jax.random.split(rng)
         backbone = self.backbone.init_params(b_rng, shapes)
-        dim = self.config.d_model if self.encdec else self.config.emb_dim
+        dim = self.layout.hidden_dim(self.config)
         head = self.head.init(h_rng, jnp.zeros((1, dim), jnp.float32))["params"]
         return {"backbone": backbone, "head": head}
 
     def num_params(self) -> int:
-        dim = self.config.d_model if self.encdec else self.config.emb_dim
-        return self.backbone.num_params() + dim + 1
+        return self.backbone.num_params() + self.layout.hidden_dim(self.config) + 1
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.backbone.flops_per_token(seq_len)
@@ -76,12 +76,9 @@ class RewardModel(BaseModel):
                           encoder_tokens: jnp.ndarray | None = None, mask: jnp.ndarray | None = None):
         """(fp32 logits, hidden) of the backbone for 2-D token rows; `mask` (default tokens != pad)
         marks real decoder tokens, so left padding is masked out of the decoder's attention."""
-        if self.encdec:
-            return heads.t5_forward(self.backbone, params["backbone"], encoder_tokens, tokens)
         mask = (tokens != self.pad_id) if mask is None else mask.astype(bool)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-        return heads.decoder_forward(self.backbone, params["backbone"], tokens,
-                                     positions=positions, segment_ids=mask.astype(jnp.int32))
+        return self.layout.forward(self.backbone, params["backbone"], tokens, mask,
+                                   encoder_tokens)
 
     def rewards_masked(self, params: Params, tokens: jnp.ndarray, mask: jnp.ndarray,
                        encoder_tokens: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -103,9 +100,7 @@ class RewardModel(BaseModel):
             enc = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
             if tokens.ndim == 3:
                 enc = jnp.repeat(enc, tokens.shape[1], axis=0)
-        mask = flat != self.pad_id
-        if self.encdec:  # BOS (= pad id 0) opens every decoder row
-            mask = mask.at[:, 0].set(True)
+        mask = self.layout.row_mask(flat, self.pad_id)
         return self.rewards_masked(params, flat, mask, enc).reshape(lead)
 
     def score_batch(self, params: Params, batch: Batch) -> jnp.ndarray:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zhchat.rl import heads
+from zhchat.rl import layouts
 from zhchat.trainer import partitioning, state_init
 from zhchat.trainer import train_state as ts
 
@@ -45,9 +45,7 @@ class Frozen:
 
 def response_shapes(model: Any, prompt_len: int, response_len: int) -> dict:
     """Init shapes of a model that reads a prompt and a response."""
-    if heads.is_encoder_decoder(model):
-        return {"encoder_input_tokens": (1, prompt_len), "decoder_input_tokens": (1, response_len)}
-    return {"decoder_input_tokens": (1, prompt_len + response_len)}
+    return layouts.layout_for(model).init_shapes(prompt_len, response_len)
 
 
 def make_state(model: Any, tx: Any, partitioner: partitioning.Partitioner, shapes: dict,
