@@ -52,7 +52,7 @@ fi
 
 # 2. tokenizer
 if [ -f "$vocab" ]; then skip vocab "$vocab"; else
-  timed vocab "${nice_py[@]}" -m zhchat.tasks.vocab --input="$cleaned/*.jsonl.gz" --format=jsonl \
+  timed vocab "${nice_py[@]}" -m zhchat.tasks.tokenizer --input="$cleaned/*.jsonl.gz" --format=jsonl \
     --model_prefix="$data/spm" --vocab_size=32000
 fi
 

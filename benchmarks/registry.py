@@ -307,7 +307,7 @@ _add(Benchmark("demo.pretrain_recipe.sweep", "demo_sweep",
                results=("{work}/sweep.json",), timeout_s=3600))
 _add(Benchmark("tokenizer_32k.shared_corpus.vocab", "vocab",
                "32k unigram SentencePiece on the cleaned shared corpus, byte fallback on held-out",
-               (Call("zhchat.tasks.vocab", (
+               (Call("zhchat.tasks.tokenizer", (
                    "--input={tok}/train.jsonl.gz", "--format=jsonl", "--model_prefix={tok}/spm32k",
                    "--vocab_size=32000", "--heldout={tok}/validation.jsonl.gz",
                    "--heldout_format=jsonl")),),

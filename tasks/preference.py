@@ -19,7 +19,7 @@ import seqio
 import tensorflow as tf
 
 from zhchat.tasks import preference_reader
-from zhchat.tasks.sft import python_vocabulary
+from zhchat.tasks.sft import tf_free_vocabulary
 
 SPLITS = ("train", "validation")
 
@@ -35,7 +35,7 @@ def register_preference_task(*, name: str = gin.REQUIRED, files: str | Sequence[
         if split not in SPLITS:
             raise ValueError(f"task {name!r} has splits {SPLITS}, not {split!r}")
         examples = preference_reader.PreferenceExamples(
-            files=files, vocab=python_vocabulary(vocabulary), max_prompt_len=max_prompt_len,
+            files=files, vocab=tf_free_vocabulary(vocabulary), max_prompt_len=max_prompt_len,
             max_response_len=max_response_len, max_responses=max_responses, split=split)
 
         def gen():

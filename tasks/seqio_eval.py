@@ -28,7 +28,7 @@ def evaluate_task(task: str, *, model: Any, params: Any, split: str = "validatio
                   seed: int = 0) -> dict[str, float]:
     """Metrics of `task` for `params` (decoder prompts left-padded; encoder inputs end with EOS)."""
     provider = seqio.get_mixture_or_task(task)
-    vocab = sft.python_vocabulary(provider.output_features["targets"].vocabulary)
+    vocab = sft.tf_free_vocabulary(provider.output_features["targets"].vocabulary)
     postprocess = provider.postprocess_fn or (lambda x, example=None, is_target=False: x)
     examples = list(itertools.islice(sft.iter_examples(task, split, log=False), max_examples))
     is_decoder = hasattr(model.config, "max_len")

@@ -38,16 +38,16 @@ EXAMPLE_FNS: dict[str, tuple[ExampleFn, int, int, seqio.Vocabulary]] = {}
 
 
 @functools.lru_cache(maxsize=8)
-def tf_free_vocabulary(path: str, extra_ids: int) -> Vocabulary:
+def _cached_vocabulary(path: str, extra_ids: int) -> Vocabulary:
     return Vocabulary(path, extra_ids=extra_ids)
 
 
-def python_vocabulary(vocabulary: seqio.Vocabulary) -> Vocabulary:
+def tf_free_vocabulary(vocabulary: seqio.Vocabulary) -> Vocabulary:
     """The TF-free twin of a seqio.SentencePieceVocabulary (identical ids)."""
     path = getattr(vocabulary, "sentencepiece_model_file", None)
     if not path:
         raise TypeError(f"dialogue tasks need a SentencePiece vocabulary, got {vocabulary!r}")
-    return tf_free_vocabulary(path, vocabulary.extra_ids)
+    return _cached_vocabulary(path, vocabulary.extra_ids)
 
 
 def iter_examples(name: str, split: str, *, log: bool = True) -> Iterator[dict]:
@@ -55,7 +55,7 @@ def iter_examples(name: str, split: str, *, log: bool = True) -> Iterator[dict]:
     example_fn, max_inputs, max_targets, vocabulary = EXAMPLE_FNS[name]
     counter = sources.SkipCounter()
     n = 0
-    for n, ex in enumerate(example_fn(split, python_vocabulary(vocabulary), max_inputs,
+    for n, ex in enumerate(example_fn(split, tf_free_vocabulary(vocabulary), max_inputs,
                                       max_targets, counter), 1):
         yield {**{k: "" for k in STRING_FEATURES}, **ex}
     if counter.total and log:

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from zhchat.tasks import lm, sources
 
-SENTINEL_COUNT = 100  # extra ids reserved by tasks/vocab.py
+SENTINEL_COUNT = 100  # extra ids reserved by tasks/tokenizer.py
 
 
 def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:

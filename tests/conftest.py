@@ -62,13 +62,13 @@ def spm_models(tmp_path_factory, demo_data_dir) -> dict:
     import gin
 
     with gin.unlock_config():  # an earlier test may have finalized (locked) its gin config
-        from zhchat.tasks import vocab
+        from zhchat.tasks import tokenizer
 
     out = tmp_path_factory.mktemp("spm")
     models = {}
     for model_type in ("unigram", "bpe"):
         prefix = str(out / model_type)
-        vocab.train_tokenizer(
+        tokenizer.train_tokenizer(
             files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl", model_prefix=prefix,
             vocab_size=VOCAB_SIZE, model_type=model_type, character_coverage=0.98,
             input_sentence_size=6000, seed=0, progress=False,

@@ -42,10 +42,10 @@ def _cleaned_files(ctx: Context) -> list[str]:
 
 
 def stage_vocab(ctx: Context) -> dict:
-    from zhchat.tasks import vocab
+    from zhchat.tasks import tokenizer
 
     cfg = ctx.cfg
-    stats = vocab.train_tokenizer(
+    stats = tokenizer.train_tokenizer(
         files=_cleaned_files(ctx), format="jsonl", model_prefix=ctx.dir("vocab", "spm"),
         vocab_size=cfg.vocab_size, input_sentence_size=cfg.vocab_sentences, seed=cfg.seed,
         add_dummy_prefix=cfg.vocab_add_dummy_prefix,

@@ -22,7 +22,7 @@ FLOORS = [
     ("raw", ["tasks.sources"]),  # corpus file readers with counted skips
     ("clean", ["tasks.clean"]),
     ("data", ["tasks.chat_template", "tasks.vocabulary", "tasks.splits",
-              "tasks.vocab", "tasks.sft_reader", "tasks.sft_sources", "tasks.preference_reader",
+              "tasks.tokenizer", "tasks.sft_reader", "tasks.sft_sources", "tasks.preference_reader",
               "tasks.cache_reader", "tasks.multitask_prompts"]),
     ("tasks", ["tasks"]),
     ("models", ["models"]),
@@ -71,7 +71,7 @@ def _imports(tree: ast.AST) -> list[tuple[int, str]]:
                 found += [(node.lineno, a.name) for a in node.names]
             elif node.module.startswith("zhchat."):
                 base = node.module[7:]
-                for a in node.names:  # `from zhchat.tasks import vocab` imports zhchat.tasks.vocab
+                for a in node.names:  # `from zhchat.tasks import tokenizer` imports zhchat.tasks.tokenizer
                     sub = f"{base}.{a.name}"
                     found.append((node.lineno, sub if (ROOT / sub.replace(".", "/")).with_suffix(
                         ".py").exists() or (ROOT / sub.replace(".", "/")).is_dir() else base))

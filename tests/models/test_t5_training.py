@@ -23,10 +23,10 @@ LENGTHS = {"inputs": 64, "targets": 14}  # random_spans_helper(inputs_length=64)
 
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory, demo_data_dir):
-    from zhchat.tasks import cache, lm, vocab
+    from zhchat.tasks import cache, lm, tokenizer
 
     out = tmp_path_factory.mktemp("t5_demo")
-    vocab.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
+    tokenizer.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
                           model_prefix=str(out / "bpe"), vocab_size=3000, model_type="bpe",
                           character_coverage=0.98, input_sentence_size=6000, seed=0, progress=False)
     names = lm.parse_gin(["tasks/demo_span_corruption.gin"], [f"VOCAB_PATH = '{out / 'bpe.model'}'"])

@@ -17,7 +17,7 @@ from zhchat.rl import pair_builder
 
 @pytest.fixture(scope="module")
 def vocab(tmp_path_factory, demo_data_dir):
-    from zhchat.tasks import vocab as vocab_lib
+    from zhchat.tasks import tokenizer as vocab_lib
     from zhchat.tasks.vocabulary import Vocabulary
     prefix = str(tmp_path_factory.mktemp("spm") / "bpe")
     vocab_lib.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",

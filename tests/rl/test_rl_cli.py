@@ -15,7 +15,7 @@ from rl_helpers import tiny_decoder
 
 
 def test_reward_ppo_dpo_from_gin(tmp_path, shared_data_dir, demo_data_dir):
-    from zhchat.tasks import vocab as vocab_lib
+    from zhchat.tasks import tokenizer as vocab_lib
     prefix = str(tmp_path / "bpe")
     vocab_lib.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
                               model_prefix=prefix, vocab_size=3000, model_type="bpe",

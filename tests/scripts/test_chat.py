@@ -21,11 +21,11 @@ VOCAB_SIZE = 3200  # 3000 pieces + 100 sentinels, padded
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, demo_data_dir):
     """(run_dir, spm path): tiny decoder trained 3 steps on synthetic data, checkpoint + config.gin."""
-    from zhchat.tasks import vocab
+    from zhchat.tasks import tokenizer
     from zhchat.gin_configs import cli as gin_cli
     from zhchat.trainer import train
     out = tmp_path_factory.mktemp("chat_run")
-    vocab.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
+    tokenizer.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
                           model_prefix=str(out / "spm"), vocab_size=3000, model_type="bpe",
                           character_coverage=0.98, input_sentence_size=6000, seed=0,
                           progress=False)

@@ -85,8 +85,8 @@ def test_infer_rejects_a_bigger_vocabulary_and_a_missing_checkpoint(pretrained, 
                                                                     demo_data_dir, tmp_path, capsys):
     run_dir, _ = pretrained
     big = tmp_path / "big"
-    from zhchat.tasks import vocab
-    vocab.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
+    from zhchat.tasks import tokenizer
+    tokenizer.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
                           model_prefix=str(big), vocab_size=3500, character_coverage=0.98,
                           input_sentence_size=6000, progress=False)
     rc = infer.main([f"--run_dir={run_dir}", f"--vocab={big}.model", "--input=-"])

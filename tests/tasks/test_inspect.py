@@ -3,7 +3,7 @@
 import pytest
 
 from zhchat.scripts import inspect as inspect_cli
-from zhchat.tasks import cache, lm, vocab
+from zhchat.tasks import cache, lm, tokenizer
 
 
 def test_cli_on_demo_task(demo_task, spm_models, capsys):
@@ -20,7 +20,7 @@ def test_cli_on_demo_task(demo_task, spm_models, capsys):
 
 
 def test_mixture_proportions(tmp_path, spm_models, capsys):
-    v = vocab.get_seqio_vocabulary(spm_models["unigram"])
+    v = tokenizer.get_seqio_vocabulary(spm_models["unigram"])
     for name, char in (("mix_a", "甲"), ("mix_b", "乙")):
         (tmp_path / f"{name}.txt").write_text("".join(f"{char}{i}\n" for i in range(300)),
                                               encoding="utf-8")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import seqio
 
-from zhchat.tasks import lm, vocab
+from zhchat.tasks import lm, tokenizer
 
 
 def test_demo_task_from_gin(demo_task, spm_models):
@@ -27,7 +27,7 @@ def test_long_documents_are_split_not_truncated(tmp_path, spm_models):
     text = "".join(f"第{i}句：天下大势，分久必合，合久必分。\n" for i in range(60)) + "完。"
     (tmp_path / "long.txt").write_text(text, encoding="utf-8")
     (tmp_path / "short.txt").write_text("短文。", encoding="utf-8")
-    v = vocab.get_seqio_vocabulary(spm_models["unigram"])
+    v = tokenizer.get_seqio_vocabulary(spm_models["unigram"])
     name = lm.register_lm_task(name="test_split_lm", files=[str(tmp_path / "*.txt")],
                                format="txt_file", vocabulary=v, validation_fraction=0.0)
     expected = {doc: list(v.encode(t)) for doc, t in (("long", text), ("short", "短文。"))}
@@ -54,7 +54,7 @@ def test_split_by_hash_is_deterministic_and_sized():
 
 
 def test_registration_errors(tmp_path, spm_models):
-    v = vocab.get_seqio_vocabulary(spm_models["unigram"])
+    v = tokenizer.get_seqio_vocabulary(spm_models["unigram"])
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         lm.register_lm_task(name="bad_lm", files=[str(tmp_path / "missing.jsonl")], vocabulary=v)
     with pytest.raises(ValueError, match="2 files but 1 formats"):

@@ -42,10 +42,10 @@ def demo_cache(tmp_path_factory, demo_data_dir) -> tuple[str, int]:
     """(cache dir, vocab size): data/demo -> SentencePiece BPE (3000 pieces) -> seqio task
     `zh_demo_lm` -> 512 packed examples of length CACHE_LEN in 2 ArrayRecord shards."""
     import gin
-    from zhchat.tasks import cache, lm, vocab
+    from zhchat.tasks import cache, lm, tokenizer
 
     out = tmp_path_factory.mktemp("demo_lm")
-    vocab.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
+    tokenizer.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
                           model_prefix=str(out / "bpe"), vocab_size=3000, model_type="bpe",
                           character_coverage=0.98, input_sentence_size=6000, seed=0,
                           progress=False)

@@ -19,9 +19,9 @@ INPUTS, TARGETS = 64, 64
 @pytest.fixture(scope="module")
 def alpaca_cache(tmp_path_factory, demo_data_dir, shared_data_dir):
     """(cache dir, vocab size): the validation split of zh_sft_alpaca (~350 examples) packed."""
-    from zhchat.tasks import cache, lm, vocab
+    from zhchat.tasks import cache, lm, tokenizer
     out = tmp_path_factory.mktemp("sft_alpaca")
-    vocab.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
+    tokenizer.train_tokenizer(files=[str(demo_data_dir / "*.jsonl.gz")], format="jsonl",
                           model_prefix=str(out / "bpe"), vocab_size=3000, model_type="bpe",
                           character_coverage=0.98, input_sentence_size=6000, seed=0,
                           progress=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import VOCAB_SIZE
-from zhchat.tasks import vocab
+from zhchat.tasks import tokenizer
 from zhchat.tasks.vocabulary import Vocabulary
 
 TEXTS = [
@@ -54,7 +54,7 @@ def test_stats_json(spm_models, model_type):
 
 
 def test_seqio_parity(spm_models):
-    sv = vocab.get_seqio_vocabulary(spm_models["unigram"], extra_ids=100)
+    sv = tokenizer.get_seqio_vocabulary(spm_models["unigram"], extra_ids=100)
     v = Vocabulary(spm_models["unigram"])
     assert (v.vocab_size, v.eos_id, v.unk_id, v.pad_id, v.bos_id) == (
         sv.vocab_size, sv.eos_id, sv.unk_id, sv.pad_id, sv.bos_id)
@@ -73,21 +73,21 @@ def test_seqio_parity(spm_models):
 
 def test_impossible_vocab_size_is_one_clear_error(demo_data_dir, tmp_path, capsys):
     corpus = str(demo_data_dir / "shu_books_sample.jsonl.gz")
-    rc = vocab.main(["--input", corpus, "--format", "jsonl", "--model_prefix",
+    rc = tokenizer.main(["--input", corpus, "--format", "jsonl", "--model_prefix",
                      str(tmp_path / "big"), "--vocab_size", "900000"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "vocab_size=900000" in err and "shu_books_sample.jsonl.gz" in err
     assert "Traceback" not in err and "In call to configurable" not in err
-    with pytest.raises(vocab.VocabSizeError, match="vocab_size=900000"):
-        vocab.train_tokenizer(files=corpus, format="jsonl", model_prefix=str(tmp_path / "big"),
+    with pytest.raises(tokenizer.VocabSizeError, match="vocab_size=900000"):
+        tokenizer.train_tokenizer(files=corpus, format="jsonl", model_prefix=str(tmp_path / "big"),
                               vocab_size=900000, progress=False)
 
 
 def test_cli_trains_and_reports(demo_data_dir, tmp_path, capsys):
     heldout = tmp_path / "heldout.txt"
     heldout.write_text("子曰：学而时习之。有朋自远方来，不亦乐乎？😀\n", encoding="utf-8")
-    rc = vocab.main(["--input", str(demo_data_dir / "shu_*.jsonl.gz"), "--format", "jsonl",
+    rc = tokenizer.main(["--input", str(demo_data_dir / "shu_*.jsonl.gz"), "--format", "jsonl",
                      "--model_prefix", str(tmp_path / "cli"), "--vocab_size", "3000",
                      "--model_type", "bpe", "--character_coverage", "0.98",
                      "--heldout", str(heldout)])
@@ -100,13 +100,13 @@ def test_cli_trains_and_reports(demo_data_dir, tmp_path, capsys):
 
 def test_split_sentences_and_reservoir():
     long_line = "甲乙丙。" * 400
-    parts = list(vocab.split_sentences("短句\n\n" + long_line, max_chars=100))
+    parts = list(tokenizer.split_sentences("短句\n\n" + long_line, max_chars=100))
     assert parts[0] == "短句" and all(len(p) <= 100 for p in parts)
     assert "".join(parts[1:]) == long_line and all(p.endswith("。") for p in parts[1:])
-    sample, n = vocab.reservoir_sample((str(i) for i in range(1000)), 10, seed=1)
+    sample, n = tokenizer.reservoir_sample((str(i) for i in range(1000)), 10, seed=1)
     assert n == 1000 and len(set(sample)) == 10
-    assert sample == vocab.reservoir_sample((str(i) for i in range(1000)), 10, seed=1)[0]
-    assert sample != vocab.reservoir_sample((str(i) for i in range(1000)), 10, seed=2)[0]
+    assert sample == tokenizer.reservoir_sample((str(i) for i in range(1000)), 10, seed=1)[0]
+    assert sample != tokenizer.reservoir_sample((str(i) for i in range(1000)), 10, seed=2)[0]
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
@@ -122,7 +122,7 @@ def test_line_breaks_tabs_and_space_runs_are_pieces(spm_models, model_type):
 
 
 def test_stats_separate_whitespace_bytes_and_check_round_trip(spm_models):
-    stats = vocab.tokenizer_stats(spm_models["unigram"], ["行一\n行二\r\n😀", "x"])
+    stats = tokenizer.tokenizer_stats(spm_models["unigram"], ["行一\n行二\r\n😀", "x"])
     assert stats["round_trip_mismatches"] == 0
     # "\r" has no piece: one whitespace byte; the emoji's 4 bytes are the rest
     n = stats["heldout_tokens"]
@@ -134,7 +134,7 @@ def test_stats_separate_whitespace_bytes_and_check_round_trip(spm_models):
 @pytest.mark.parametrize("bad", ["heldout", "input", "output"])
 def test_bad_paths_fail_before_training(demo_data_dir, tmp_path, capsys, monkeypatch, bad):
     trained = []
-    monkeypatch.setattr(vocab.spm.SentencePieceTrainer, "train",
+    monkeypatch.setattr(tokenizer.spm.SentencePieceTrainer, "train",
                         lambda **kw: trained.append(kw))  # must never be reached
     args = {"input": str(demo_data_dir / "shu_*.jsonl.gz"), "heldout": None,
             "model_prefix": str(tmp_path / "m")}
@@ -146,13 +146,13 @@ def test_bad_paths_fail_before_training(demo_data_dir, tmp_path, capsys, monkeyp
         (tmp_path / "ro").mkdir()
         (tmp_path / "ro").chmod(0o500)
         args["model_prefix"] = str(tmp_path / "ro" / "m")
-        if vocab.os.access(str(tmp_path / "ro"), vocab.os.W_OK):  # root ignores permissions
+        if tokenizer.os.access(str(tmp_path / "ro"), tokenizer.os.W_OK):  # root ignores permissions
             args["model_prefix"] = "/proc/zhchat_cannot_write_here/m"
     argv = ["--input", args["input"], "--format", "jsonl", "--model_prefix",
             args["model_prefix"], "--vocab_size", "3000"]
     if args["heldout"]:
         argv += ["--heldout", args["heldout"]]
-    assert vocab.main(argv) == 2
+    assert tokenizer.main(argv) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
     assert trained == []

@@ -13,7 +13,7 @@ Memory stays bounded on big corpora: documents are streamed, split into sentence
 SentencePiece trains from. 100 T5 sentinels are not part of the model: like seqio, they are appended
 as extra ids at load time (`get_seqio_vocabulary`, `zhchat.tasks.vocabulary.Vocabulary`).
 
-CLI: python -m zhchat.tasks.vocab --input 'corpus/*.jsonl.gz' --format jsonl --model_prefix out/spm \
+CLI: python -m zhchat.tasks.tokenizer --input 'corpus/*.jsonl.gz' --format jsonl --model_prefix out/spm \
         --vocab_size 32000 --heldout heldout.txt
 """
 
