@@ -50,7 +50,7 @@ def _rows(x: jax.Array) -> bool:
     return x.ndim > 0  # K/V [batch, slots, heads, dim]; the scalar index is shared
 
 
-class DecoderBatch:
+class DecoderBatch(rows_lib.SlotTable):
     """Slots of one continuous batch over a `DecoderOnlyModel` (see the module docstring)."""
 
     def __init__(self, model: Any, params: Any, *, max_batch: int, context: int,
@@ -73,14 +73,9 @@ class DecoderBatch:
     def free_slots(self) -> int:
         return self.max_batch - self.active()
 
-    def active(self) -> int:
-        return sum(r is not None for r in self.slots)
-
     def release(self, row: Row) -> None:
         """Frees the row's slot (its cache row is overwritten by the next joiner)."""
-        if 0 <= row.slot < len(self.slots) and self.slots[row.slot] is row:
-            self.slots[row.slot] = None
-        row.slot = -1
+        self._free_slot(row)
 
     def admit(self, rows: Sequence[Row]) -> list[tuple[Row, int]]:
         """Prefills `rows` (at most `free_slots()`) into free slots; their first sampled tokens."""

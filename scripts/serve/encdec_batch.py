@@ -27,7 +27,7 @@ from zhchat.scripts.serve import rows as rows_lib
 from zhchat.scripts.serve.rows import Row
 
 
-class EncDecBatch:
+class EncDecBatch(rows_lib.SlotTable):
     """One static batch at a time over an `EncoderDecoderModel`."""
 
     def __init__(self, model: Any, params: Any, *, max_batch: int, context: int,
@@ -46,13 +46,8 @@ class EncDecBatch:
     def free_slots(self) -> int:
         return 0 if self.active() else self.max_batch
 
-    def active(self) -> int:
-        return sum(r is not None for r in self.slots)
-
     def release(self, row: Row) -> None:
-        if 0 <= row.slot < len(self.slots) and self.slots[row.slot] is row:
-            self.slots[row.slot] = None
-        row.slot = -1
+        self._free_slot(row)
         if not self.active():
             self.cache = self.segments = None  # the batch is over
 

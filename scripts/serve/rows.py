@@ -44,6 +44,20 @@ class Row:
         return len(self.prompt)
 
 
+class SlotTable:
+    """The rows of a batch by slot (None: free); shared by the decoder and T5 backends."""
+
+    slots: list[Row | None]
+
+    def active(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def _free_slot(self, row: Row) -> None:
+        if 0 <= row.slot < len(self.slots) and self.slots[row.slot] is row:
+            self.slots[row.slot] = None
+        row.slot = -1
+
+
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
     """Batch sizes that are compiled: 1, 2, 4, ... up to `max_batch` (which is always one)."""
     if max_batch < 1:
