@@ -152,13 +152,7 @@ def make_app(engine: Engine, vocab: Any, *, model_name: str, max_new_tokens: int
         if messages[-1]["role"] == "assistant":
             raise pr.ApiError(400, "messages: the last message is already an assistant reply",
                               param="messages")
-        prompt = ct.encode_prompt(vocab, messages)
-        gen = _submit(request, prompt, body, "messages")
-        rid = pr.new_id("chatcmpl")
-        if body.stream:
-            return await _stream(request, gen, body, chat=True, rid=rid)
-        text, finish = await _collect(request, gen)
-        return pr.chat_response(rid, model_name, text, finish, gen.usage())
+        return await _respond(request, ct.encode_prompt(vocab, messages), body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: pr.CompletionRequest) -> Any:
@@ -174,12 +168,17 @@ def make_app(engine: Engine, vocab: Any, *, model_name: str, max_new_tokens: int
         else:
             ids = vocab.encode(prompt[0] if isinstance(prompt, list) else prompt) \
                 if prompt else []
-        gen = _submit(request, ids, body, "prompt")
-        rid = pr.new_id("cmpl")
+        return await _respond(request, ids, body, chat=False)
+
+    async def _respond(request: Request, prompt: list[int], body: Any, *, chat: bool) -> Any:
+        """Submits the prompt; streams the reply as server-sent events or returns it whole."""
+        gen = _submit(request, prompt, body, "messages" if chat else "prompt")
+        rid = pr.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
-            return await _stream(request, gen, body, chat=False, rid=rid)
+            return await _stream(request, gen, body, chat=chat, rid=rid)
         text, finish = await _collect(request, gen)
-        return pr.completion_response(rid, model_name, text, finish, gen.usage())
+        make = pr.chat_response if chat else pr.completion_response
+        return make(rid, model_name, text, finish, gen.usage())
 
     def _submit(request: Request, prompt: list[int], body: pr._Sampling, param: str
                 ) -> Generation:
