@@ -10,6 +10,7 @@ from typing import Any
 
 import gin
 
+from zhchat.gin_configs import cli as gin_cli
 from zhchat.scripts.pipeline.config import REPO, Context, gin_file, repo_path
 
 
@@ -33,8 +34,9 @@ def parse_clean_gin(ctx: Context) -> None:
     import zhchat.tasks.clean.pipeline  # noqa: F401
 
     gin.add_config_file_search_path(os.path.dirname(zhchat.gin_configs.__file__))
-    gin.parse_config_files_and_bindings([gin_file(ctx.cfg.clean_gin)],
-                                        list(ctx.cfg.clean_bindings), finalize_config=False)
+    gin.parse_config_files_and_bindings([gin_file(ctx.cfg.clean_gin)], [], finalize_config=False)
+    gin_cli.check_macros(ctx.cfg.clean_bindings)  # a misspelt macro is an error, not a no-op
+    gin.parse_config_files_and_bindings([], list(ctx.cfg.clean_bindings), finalize_config=False)
 
 
 def _cleaned_files(ctx: Context) -> list[str]:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import gin
 
-import zhchat.gin_configs
+from zhchat.gin_configs import cli as gin_cli
 from zhchat.tasks.clean import pipeline, report
 
 
@@ -31,9 +30,19 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("give at least one --gin_file")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    gin.add_config_file_search_path(os.path.dirname(zhchat.gin_configs.__file__))
-    gin.parse_config_files_and_bindings(args.gin_file, bindings)
-    rep = pipeline.clean_corpus()
+    try:
+        for path in gin_cli.gin_search_paths():
+            gin.add_config_file_search_path(path)
+        files = [gin_cli.resolve_gin_file(f) for f in args.gin_file]
+        gin.parse_config_files_and_bindings(files, [], finalize_config=False)
+        gin_cli.check_macros(bindings)  # a misspelt --gin.MACRO= is an error, not a no-op
+        gin.parse_config_files_and_bindings([], bindings)
+    except (gin_cli.GinConfigError, ValueError) as e:
+        parser.exit(2, f"{e}\n")
+    try:
+        rep = pipeline.clean_corpus()
+    except (FileNotFoundError, PermissionError) as e:  # inputs and output folder, checked first
+        parser.exit(2, f"clean: error: {str(e).splitlines()[0]}\n")
     print(report.to_table(rep))
     return rep
 

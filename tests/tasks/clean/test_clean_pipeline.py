@@ -131,3 +131,37 @@ def test_an_unwritable_output_folder_fails_before_the_pipeline(tmp_path, monkeyp
     with pytest.raises(PermissionError, match="not writable.*Read-only"):
         pipeline.clean_corpus(sources=[Source(name="a", files=["a.jsonl"], format="jsonl")],
                               output_dir=str(tmp_path / "out"), root=str(tmp_path))
+
+
+@pytest.mark.parametrize("case", ["macro", "missing_corpus"])
+def test_the_cli_rejects_a_misspelt_macro_and_a_missing_corpus_before_work(tmp_path, monkeypatch,
+                                                                          capsys, case):
+    """`python -m zhchat.tasks.clean`: an unknown `--gin.MACRO=` and a missing corpus file each end
+    with exit 2 and one line naming them; no pipeline is built."""
+    import gin
+
+    from zhchat.tasks.clean.__main__ import main
+
+    (tmp_path / "a.jsonl").write_text('{"text": "你好，世界。这是一个测试。"}\n', encoding="utf-8")
+    conf = tmp_path / "c.gin"
+    conf.write_text("import zhchat.tasks.clean.pipeline\n"
+                    f"clean_corpus.root = '{tmp_path}'\n"
+                    f"clean_corpus.output_dir = '{tmp_path / 'out'}'\n"
+                    "SHARDS = 2\nclean_corpus.num_shards = %SHARDS\n"
+                    "clean_corpus.sources = [@Source()]\nSource.name = 'a'\n"
+                    "Source.format = 'jsonl'\n"
+                    f"Source.files = ['{'a.jsonl' if case == 'macro' else 'missing.jsonl'}']\n",
+                    encoding="utf-8")
+    monkeypatch.setattr(pipeline.beam, "Pipeline",
+                        lambda *a, **k: pytest.fail("the pipeline started"))
+    argv = [f"--gin_file={conf}"] + (["--gin.SHARD=3"] if case == "macro" else [])
+    gin.clear_config()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    gin.clear_config()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    if case == "macro":
+        assert "unknown macro SHARD (did you mean SHARDS?)" in err
+    else:
+        assert err.startswith("clean: error:") and "missing.jsonl" in err and "does not exist" in err
