@@ -226,6 +226,18 @@ _add(Benchmark("decoder_1b.serve.throughput", "serve",
                      ("--vocab={conv}/spm.model", "--gin_file=models/decoder_1b.gin",
                       "--gin.VOCAB_SIZE=32128", "--param_dtype=bfloat16", "--max_batch=64",
                       "--max_tokens=64", f"--out={RECORDS}")),), timeout_s=600))
+SERVE_1B = ("--vocab={conv}/spm.model", "--gin_file=models/decoder_1b.gin", "--gin.VOCAB_SIZE=32128",
+            "--param_dtype=bfloat16", "--max_batch=64", "--max_tokens=64", f"--out={RECORDS}")
+_add(Benchmark("decoder_1b.serve.backend", "serve",
+               "decoder_1b: the batch backend stepped directly at 1/16/64 rows (no HTTP, no engine "
+               "thread): the device's share of serving, 3072 cache slots",
+               (Call("zhchat.benchmarks.serve_throughput", SERVE_1B + ("--modes=backend",)),),
+               timeout_s=600))
+_add(Benchmark("decoder_1b.serve.context_512.throughput", "serve",
+               "decoder_1b with a 512-token context (768 cache slots): the backend alone, then "
+               "the server at 1/16/64/256 clients, continuous batching",
+               (Call("zhchat.benchmarks.serve_throughput",
+                     SERVE_1B + ("--max_context=512", "--modes=backend,batched")),), timeout_s=600))
 
 # --- Convergence against HF (issue 14) ------------------------------------------------------------
 DEC_CONV = ("--gin_file=models/decoder_100m.gin", "--train_cache={conv}/dec_train",
@@ -362,6 +374,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "cpu": ("demo.embedded_corpus.demo", "demo.pretrain_recipe.sweep",
             "tokenizer_32k.shared_corpus.vocab", "raw_corpora.minhash_lsh.dedup"),
     "serve": ("decoder_1b.serve.throughput",),
+    "serve_variants": ("decoder_1b.serve.backend", "decoder_1b.serve.context_512.throughput"),
     "smoke": ("decoder_tiny.synthetic.train_step", "t5_tiny.synthetic.train_step"),
 }
 

@@ -146,6 +146,31 @@ def precompile(engine: Any, vocab: Any, max_tokens: int) -> None:
         backend.precompile([width])
 
 
+def backend_rate(backend: Any, vocab: Any, *, batch: int, max_tokens: int) -> dict:
+    """`batch` rows prefilled together and stepped to `max_tokens` tokens each, on the batch
+    backend alone (no HTTP, no engine thread, no streaming): the device's share of serving."""
+    from zhchat.scripts.serve.rows import Row
+
+    live = [Row(prompt=vocab.encode(PROMPTS[i % len(PROMPTS)]), max_tokens=max_tokens,
+                ignore_eos=True) for i in range(batch)]
+    start = time.perf_counter()
+    for row, token in backend.admit(live):
+        row.count, row.last = 1, token
+    prefill = time.perf_counter() - start
+    for _ in range(max_tokens - 1):
+        for row, token in backend.step():
+            row.count, row.last = row.count + 1, token
+    wall = time.perf_counter() - start
+    for row in live:
+        backend.release(row)
+    assert all(r.count == max_tokens for r in live), "a row missed a step"
+    step_s = (wall - prefill) / max(max_tokens - 1, 1)
+    return {"concurrency": batch, "requests": batch, "errors": 0, "wall_s": wall,
+            "requests_per_s": batch / wall, "output_tokens_per_s": batch * max_tokens / wall,
+            "prefill_s": prefill, "step_ms": 1e3 * step_s,
+            "slots": getattr(backend, "slots_total", None)}
+
+
 def git_commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -172,12 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--max_batch", type=int, default=64)
     p.add_argument("--max_context", type=int, default=None)
-    p.add_argument("--modes", default="batched,sequential")
+    p.add_argument("--modes", default="batched,sequential",
+                   help="also `backend`: the batch backend stepped directly, no HTTP (device share)")
     p.add_argument("--param_dtype", default=None, help="cast fresh parameters, e.g. bfloat16")
     p.add_argument("--out", default="serve_throughput.jsonl")
     args = p.parse_args(rest)
     if not args.run_dir and not gin_files:
         p.error("give --run_dir or --gin_file")
+    unknown = set(args.modes.split(",")) - {"batched", "sequential", "backend"}
+    if unknown:
+        p.error(f"unknown --modes {sorted(unknown)} (batched, sequential, backend)")
 
     import jax
 
@@ -193,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
              "bindings": bindings, "max_tokens": args.max_tokens}
     with open(args.out, "a", encoding="utf-8") as out:
         for mode in args.modes.split(","):
-            batch = args.max_batch if mode == "batched" else 1
+            batch = 1 if mode == "sequential" else args.max_batch
             engine = make_engine(model, params, vocab, max_batch=batch,
                                  max_queue=max(levels + [args.requests]) + 8,
                                  context=args.max_context)
@@ -203,6 +232,17 @@ def main(argv: list[str] | None = None) -> int:
             precompile(engine, vocab, args.max_tokens)
             print(f"{mode}: compiled {len(engine.backend.shapes)} shapes in "
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
+            if mode == "backend":  # the batch backend alone, at each level up to max_batch
+                for c in sorted({min(c, batch) for c in levels}):
+                    backend_rate(engine.backend, vocab, batch=c, max_tokens=2)  # compile
+                    row = {**stamp, "mode": mode, "max_batch": batch,
+                           **backend_rate(engine.backend, vocab, batch=c,
+                                          max_tokens=args.max_tokens)}
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+                    print(f"{mode:>10} b={c:<4} {row['output_tokens_per_s']:9.1f} tok/s  step "
+                          f"{row['step_ms']:.2f} ms  prefill {row['prefill_s']:.3f} s", flush=True)
+                continue
             engine.start()
             with _server(app) as port:
                 for c in levels:
