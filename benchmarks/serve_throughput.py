@@ -14,8 +14,10 @@ exactly --max_tokens tokens. Before each measured level the same clients run onc
 (compiling that level's shapes). Reported per (mode, concurrency): requests/s and output tokens/s
 over the level's wall time, and time to first token (first streamed text) and latency, mean / p50 /
 p90. Every batch bucket is compiled before the clients start. One jsonl line each goes to --out,
-stamped with the git commit and the date. Clients and server share this process (and its GIL):
-with a tiny model on CPU the numbers measure the Python HTTP/streaming path, not the device.
+stamped with the git commit and the date. The clients run in a second process (their own
+interpreter lock); with a tiny model on CPU the numbers measure the Python HTTP/streaming path, not
+the device. `--modes=backend` steps the batch backend directly (no HTTP, no engine thread) at each
+level up to --max_batch: the device's share of serving.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 PROMPTS = ["子曰：学而时习之，不亦说乎？", "请介绍一下长城的历史。", "北京是中国的首都，",
@@ -107,6 +111,12 @@ async def drive(port: int, *, concurrency: int, requests: int, max_tokens: int) 
             "wall_s": wall, "requests_per_s": len(ok) / wall,
             "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             **stats(ttft, "ttft"), **stats(latency, "latency")}
+
+
+def drive_level(port: int, concurrency: int, requests: int, max_tokens: int) -> dict:
+    """`drive` run to completion: the entry point of the clients' own process."""
+    return asyncio.run(drive(port, concurrency=concurrency, requests=requests,
+                             max_tokens=max_tokens))
 
 
 def load(args: argparse.Namespace, gin_files: list[str], bindings: list[str]) -> tuple:
@@ -244,13 +254,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['step_ms']:.2f} ms  prefill {row['prefill_s']:.3f} s", flush=True)
                 continue
             engine.start()
-            with _server(app) as port:
+            # the clients run in a process of their own, so their parsing does not share the
+            # server's interpreter lock (as real clients on other hosts would not)
+            spawn = multiprocessing.get_context("spawn")
+            with _server(app) as port, ProcessPoolExecutor(1, mp_context=spawn) as clients:
                 for c in levels:
                     n = args.requests or max(c, 32)
-                    asyncio.run(drive(port, concurrency=c, requests=c, max_tokens=2))  # compile
-                    row = {**stamp, "mode": mode, "max_batch": batch,
-                           **asyncio.run(drive(port, concurrency=c, requests=n,
-                                               max_tokens=args.max_tokens))}
+                    clients.submit(drive_level, port, c, c, 2).result()  # compile this level
+                    row = {**stamp, "mode": mode, "max_batch": batch, "clients": "own process",
+                           **clients.submit(drive_level, port, c, n, args.max_tokens).result()}
                     out.write(json.dumps(row) + "\n")
                     out.flush()
                     print(f"{mode:>10} c={c:<4} {row['requests_per_s']:8.2f} req/s "
