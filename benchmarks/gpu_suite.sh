@@ -9,7 +9,8 @@
 #   OUT=... bash benchmarks/gpu_suite.sh decoder_1b.synthetic.train_step --steps=10
 # The checkout on the GPU may have no .git: pass the commit to stamp, e.g.
 #   ZHCHAT_GIT_COMMIT=$(git rev-parse HEAD) ZHCHAT_GIT_DIRTY=0 bash benchmarks/gpu_suite.sh ...
-# The GPU tests are pytest's, not a part: JAX_PLATFORMS=cuda python -m pytest -m gpu tests
+# The GPU tests are pytest's, not a part: JAX_PLATFORMS=cuda python -m pytest -m gpu tests (on an
+# image without TensorFlow/seqio, name the *_gpu.py files from /tmp: docs/benchmarks.md says how)
 set -u
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_suite.sh NAME_OR_GROUP... [runner options]" >&2
