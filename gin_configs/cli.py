@@ -174,6 +174,19 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
                              + (f" [not importable here: {absent}]" if absent else "")) from e
 
 
+def parse_checked(files: Sequence[str], bindings: Sequence[str]) -> None:
+    """The data floor's parse (it imports no configurables): gin files, looked up in the cwd then
+    gin_configs/, then bindings, with misspelt macros rejected in between (`check_macros`). Gin's
+    own errors pass through (OSError for a missing file, ValueError for a bad binding)."""
+    for path in dict.fromkeys(gin_search_paths()):
+        if path not in _ADDED_SEARCH_PATHS:
+            gin.add_config_file_search_path(path)
+            _ADDED_SEARCH_PATHS.add(path)
+    gin.parse_config_files_and_bindings(list(files), [], finalize_config=False)
+    check_macros(bindings)
+    gin.parse_config_files_and_bindings([], list(bindings), finalize_config=False)
+
+
 _MACRO_BINDING = re.compile(r"^\s*([A-Za-z_]\w*)\s*=")
 
 

@@ -177,9 +177,5 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> list[str]:
     """
     from zhchat.gin_configs import cli as gin_cli
 
-    for path in gin_cli.gin_search_paths():
-        gin.add_config_file_search_path(path)
-    gin.parse_config_files_and_bindings(list(gin_files), [], finalize_config=False)
-    gin_cli.check_macros(bindings)  # a misspelt --gin.MACRO= is an error, not a no-op
-    gin.parse_config_files_and_bindings([], list(bindings), finalize_config=False)
+    gin_cli.parse_checked(gin_files, bindings)  # a misspelt --gin.MACRO= is an error, not a no-op
     return register_tasks()

@@ -29,14 +29,10 @@ def stage_clean(ctx: Context) -> dict:
 
 
 def parse_clean_gin(ctx: Context) -> None:
-    import zhchat.gin_configs
     import zhchat.tasks.clean.filters  # noqa: F401  (registers the filters)
     import zhchat.tasks.clean.pipeline  # noqa: F401
 
-    gin.add_config_file_search_path(os.path.dirname(zhchat.gin_configs.__file__))
-    gin.parse_config_files_and_bindings([gin_file(ctx.cfg.clean_gin)], [], finalize_config=False)
-    gin_cli.check_macros(ctx.cfg.clean_bindings)  # a misspelt macro is an error, not a no-op
-    gin.parse_config_files_and_bindings([], list(ctx.cfg.clean_bindings), finalize_config=False)
+    gin_cli.parse_checked([gin_file(ctx.cfg.clean_gin)], ctx.cfg.clean_bindings)
 
 
 def _cleaned_files(ctx: Context) -> list[str]:

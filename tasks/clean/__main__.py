@@ -31,14 +31,12 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
-        for path in gin_cli.gin_search_paths():
-            gin.add_config_file_search_path(path)
-        files = [gin_cli.resolve_gin_file(f) for f in args.gin_file]
-        gin.parse_config_files_and_bindings(files, [], finalize_config=False)
-        gin_cli.check_macros(bindings)  # a misspelt --gin.MACRO= is an error, not a no-op
-        gin.parse_config_files_and_bindings([], bindings)
-    except (gin_cli.GinConfigError, ValueError) as e:
-        parser.exit(2, f"{e}\n")
+        gin_cli.parse_checked(args.gin_file, bindings)  # misspelt macros are errors, not no-ops
+        gin.finalize()
+    except (ValueError, OSError) as e:  # a missing gin file, a bad binding, an unknown macro
+        msg = str(e).splitlines()[0]
+        parser.exit(2, ("" if msg.startswith("gin config error") else "gin config error: ")
+                    + msg + "\n")
     try:
         rep = pipeline.clean_corpus()
     except (FileNotFoundError, PermissionError) as e:  # inputs and output folder, checked first
