@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train()
     except faults.WRITE_ERRORS:
         faults.exit_after_write_error()
+    except FileNotFoundError as e:  # pairs, prompts, a vocabulary or the SFT checkpoint
+        print(f"rl: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     print(f"finished at step {summary['step']}, loss {summary['loss']:.4f}", flush=True)
     return 0
 

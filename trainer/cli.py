@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train_lib.train(dry_run=args.dry_run)
     except faults.WRITE_ERRORS:
         faults.exit_after_write_error()
+    except FileNotFoundError as e:  # a cache, vocabulary or checkpoint that is not there
+        print(f"train: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     except (RuntimeError, ValueError) as e:  # gin: a REQUIRED binding (e.g. the model) missing,
         first = str(e).splitlines()[0] if str(e) else ""  # or a skipped configurable is used
         if not first.startswith(("Required bindings", "No configurable matching")):

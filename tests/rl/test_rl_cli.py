@@ -59,3 +59,16 @@ def test_reward_ppo_dpo_from_gin(tmp_path, shared_data_dir, demo_data_dir):
     dpo_metrics = [json.loads(x) for x in open(tmp_path / "dpo" / "metrics.jsonl")]
     # DPO starts at the SFT weights, which are also the reference: the loss starts at log 2
     assert abs(dpo_metrics[0]["train/loss"] - np.log(2)) < 0.05 and "train/margin" in dpo_metrics[0]
+
+
+def test_a_missing_sft_checkpoint_is_one_line_and_exit_2(tmp_path, spm_models, capsys):
+    """The reward stage names the missing SFT checkpoint in one line (no traceback) and exits 2
+    before any model is built."""
+    rc = cli.main(["reward", "--gin_file=runs/reward.gin", "--gin_file=models/decoder_tiny.gin",
+                   "--gin.VOCAB_SIZE=3200", f"--gin.VOCAB_PATH='{spm_models['bpe']}'",
+                   f"--gin.PREFERENCE_FILES=['{tmp_path / 'pairs.jsonl'}']",
+                   f"--gin.SFT_CHECKPOINT='{tmp_path / 'sft' / 'checkpoints'}'",
+                   f"--gin.RUN_DIR='{tmp_path / 'rm'}'"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == f"rl: error: no checkpoint in {tmp_path / 'sft' / 'checkpoints'}"
+    assert not any("Traceback" in line for line in err) and not (tmp_path / "rm").exists()

@@ -45,6 +45,17 @@ def test_config_errors_in_process(args, needle, capsys, monkeypatch):
     assert err.startswith("gin config error:") and needle in err
 
 
+def test_a_missing_cache_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path):
+    """runs/pretrain.gin's default cache does not exist in an empty folder: one line naming it,
+    no traceback, exit 2, nothing trained."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([TINY, PRETRAIN, "--gin.VOCAB_SIZE=512"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train: error:") and "not a finished cache" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    gin.clear_config()
+
+
 def test_an_unbound_macro_is_named_before_anything_runs(capsys, monkeypatch):
     """pretrain.gin without a model preset uses %MODEL that nothing defines: one line naming it
     and where it comes from, exit 2 (was a TypeError traceback from gin's `macro()`)."""
