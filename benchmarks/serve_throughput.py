@@ -236,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
             engine = make_engine(model, params, vocab, max_batch=batch,
                                  max_queue=max(levels + [args.requests]) + 8,
                                  context=args.max_context)
-            app = make_app(engine, vocab, model_name="bench", max_new_tokens=args.max_tokens,
-                           timeout_s=3600)
             t0 = time.perf_counter()
             precompile(engine, vocab, args.max_tokens)
             print(f"{mode}: compiled {len(engine.backend.shapes)} shapes in "
@@ -253,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{mode:>10} b={c:<4} {row['output_tokens_per_s']:9.1f} tok/s  step "
                           f"{row['step_ms']:.2f} ms  prefill {row['prefill_s']:.3f} s", flush=True)
                 continue
+            app = make_app(engine, vocab, model_name="bench", max_new_tokens=args.max_tokens,
+                           timeout_s=3600)
             engine.start()
             # the clients run in a process of their own, so their parsing does not share the
             # server's interpreter lock (as real clients on other hosts would not)
