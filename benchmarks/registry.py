@@ -5,8 +5,8 @@
     python -m zhchat.benchmarks.run headline          # a group: the headline table's benchmarks
 
 A benchmark is a kind (train_step, hf_baseline, train_cli, decode, convergence, evaluate, pipeline,
-demo, demo_sweep, vocab, dedup), the entry-point calls that measure it (a module and its flags, as
-`python -m MODULE FLAGS` would run it) and the files its numbers land in. Names read
+demo, demo_sweep, vocab, dedup, kernel), the entry-point calls that measure it (a module and its
+flags, as `python -m MODULE FLAGS` would run it) and the files its numbers land in. Names read
 `<model or subject>.<data>[.<variant>...].<measurement>` and stay stable: a new measurement gets a
 new name, an old one leaves the registry when BENCHMARKS.md stops showing it (its history stays in
 benchmarks/results/ and git). Flags may hold placeholders the runner fills: `{work}` (this
@@ -211,6 +211,17 @@ for name, desc, flags in (
          ("--gin.T5Config.attention_impl='xla'",))):
     train_step(f"t5_large.synthetic.{name}.train_step", f"T5-large at 64: {desc}", T5L, *flags)
 
+# --- T5 attention kernels (issue 17): the bucket kernel against cuDNN's dense bias -------------
+train_step("t5_large.synthetic.pallas_attention.train_step", "T5-large at 64: self-attention "
+           "through the bucket kernel (models/bucket_attention.py)", T5L,
+           "--gin.T5Config.attention_impl='pallas'")
+_add(Benchmark("t5_large.attention.kernels", "kernel",
+               "T5-large self-attention alone (encoder 512, decoder 114 causal, packed encoder), "
+               "forward + backward: bucket kernel tile sizes vs cuDNN with the dense bias",
+               (Call("zhchat.benchmarks.attention_kernels",
+                     ("--cases=t5_large_encoder,t5_large_decoder,t5_large_encoder_packed",
+                      f"--out={RECORDS}")),), timeout_s=600))
+
 # --- Decoding (issue 4) ---------------------------------------------------------------------------
 for m, flags in ((D1B, ()), (T5L, ("--prompt_len=512",))):
     decode(f"{m}.synthetic.decode", f"{m}: our jitted predict_batch, batch 64, 256 new tokens", m,
@@ -361,6 +372,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
        "t5_large.synthetic_b128.train_step"),
     "t5_large_variants": tuple(n for n in _names("t5_large.synthetic.", kinds=("train_step",))
                                if n != "t5_large.synthetic.train_step"),
+    "t5_attention": ("t5_large.attention.kernels", "t5_large.synthetic.train_step",
+                     "t5_large.synthetic.pallas_attention.train_step"),
     "decode": _names(kinds=("decode",)),
     "skip_nonfinite": ("decoder_1b.synthetic.train_step",
                        "decoder_1b.synthetic.no_skip_nonfinite.train_step"),

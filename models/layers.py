@@ -34,7 +34,8 @@ def readout_init_std(width: int) -> float:
     0.5 at any width and the initial cross-entropy is about ln(vocab) + 0.125 (a std-1 readout
     starts 0.5 nats above ln(vocab), HF T5's std-1.0 one hundreds of nats)."""
     return 0.5 / float(np.sqrt(width))
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# "pallas": T5's biased self-attention through models/bucket_attention.py; elsewhere as "auto"
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "pallas")
 
 
 def _canonical_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -257,6 +258,8 @@ def resolve_attention_impl(implementation: str, dtype: DType, head_dim: int) -> 
                          f"got {implementation!r}")
     if implementation == "xla":
         return "xla"
+    if implementation == "pallas":  # the T5 bucket kernel is chosen by the T5 model itself
+        implementation = "auto"
     if implementation == "splash" or (implementation == "auto" and _tpu_available()):
         return "splash" if head_dim % 128 == 0 else "xla"
     cudnn_ok = (_gpu_available() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)

@@ -20,7 +20,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from zhchat.models import layers, t5_layers
+from zhchat.models import bucket_attention, layers, t5_layers
 from zhchat.models.remat import REMAT_POLICIES, checkpoint_policy
 
 Array = jax.Array
@@ -202,6 +202,17 @@ class T5(nn.Module):
                                   kernel_axes=("embed", "vocab"),
                                   kernel_init=nn.initializers.normal(stddev=readout_std))
 
+    def _bucket_kernel(self) -> bool:
+        """Self-attention in training through the bucket kernel (models/bucket_attention.py)."""
+        cfg = self.config
+        if cfg.attention_impl != "pallas":
+            return False
+        if not bucket_attention.supported(cfg.head_dim):
+            layers.warn_once(f"attention_impl='pallas' needs a power-of-two head dim, got "
+                             f"{cfg.head_dim}: T5 attention runs as 'auto'")
+            return False
+        return True
+
     def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None, *,
                enable_dropout: bool = False) -> Array:
         """Encoder output [batch, enc_len, d_model]."""
@@ -209,7 +220,8 @@ class T5(nn.Module):
         segments = _segments(encoder_input_tokens, encoder_segment_ids)
         mask = layers.make_attention_mask(segments, segments)
         positions = jnp.arange(encoder_input_tokens.shape[1])
-        bias = self.encoder_relpos(positions, positions)
+        bias = (self.encoder_relpos.bucketed(segments) if self._bucket_kernel()
+                else self.encoder_relpos(positions, positions))
         x = self.token_embedder(encoder_input_tokens)
         x = self.dropout(nn.with_logical_constraint(x, _ACT), deterministic=deterministic)
         # no segment ids: rows are unpacked (one example + padding), so lengths replace the mask
@@ -252,7 +264,8 @@ class T5(nn.Module):
                         else decoder_segment_ids)
             self_mask = layers.make_attention_mask(segments, segments, causal=True)
             positions = jnp.arange(length)
-            self_bias = self.decoder_relpos(positions, positions)
+            self_bias = (self.decoder_relpos.bucketed(segments) if self._bucket_kernel()
+                         else self.decoder_relpos(positions, positions))
             cross_mask = layers.make_attention_mask(segments, encoder_segment_ids)
             if unpacked:
                 self_lengths = t5_layers.padding_lengths(segments, segments)

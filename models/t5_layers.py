@@ -16,38 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zhchat.models import layers
+from flax import struct
+
+from zhchat.models import bucket_attention, layers
+from zhchat.models.bucket_attention import relative_position_bucket  # noqa: F401 (T5's bucketing)
 
 Array = jax.Array
 DType = Any
 
 
-def relative_position_bucket(relative_position: Array, *, bidirectional: bool = True,
-                             num_buckets: int = 32, max_distance: int = 128) -> Array:
-    """T5's bucket of `relative_position` = key_position - query_position (int32 array, same shape).
-
-    Half of the buckets hold exact small distances, the rest cover distances up to `max_distance`
-    logarithmically (larger distances share the last bucket). Bidirectional: keys after the query use
-    the upper half of the buckets. Causal (decoder): keys after the query all fall in bucket 0.
-    """
-    n = -jnp.asarray(relative_position, jnp.int32)
-    bucket = jnp.zeros_like(n)
-    if bidirectional:
-        num_buckets //= 2
-        bucket = bucket + (n < 0).astype(jnp.int32) * num_buckets
-        n = jnp.abs(n)
-    else:
-        n = jnp.maximum(n, 0)
-    max_exact = num_buckets // 2
-    log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
-    large = max_exact + (log_ratio / np.float32(np.log(max_distance / max_exact))
-                         * (num_buckets - max_exact)).astype(jnp.int32)
-    large = jnp.minimum(large, num_buckets - 1)
-    return bucket + jnp.where(n < max_exact, n, large)
-
-
 class RelativePositionBiases(nn.Module):
-    """Learned per-head bias for each relative-position bucket: [1, heads, q_len, k_len]."""
+    """Learned per-head bias for each relative-position bucket: [1, heads, q_len, k_len], or (for
+    the bucket kernel) the table itself with the batch's segment ids (`bucketed`)."""
 
     num_heads: int
     num_buckets: int = 32
@@ -56,21 +36,40 @@ class RelativePositionBiases(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
-    @nn.compact
-    def __call__(self, query_positions: Array, key_positions: Array) -> Array:
-        table = self.param(
+    def setup(self):
+        self.rel_embedding = self.param(
             "rel_embedding",
             nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
                                          ("heads", "relpos_buckets")),
             (self.num_heads, self.num_buckets), self.param_dtype)
-        buckets = relative_position_bucket(
-            key_positions[None, :] - query_positions[:, None], bidirectional=self.bidirectional,
-            num_buckets=self.num_buckets, max_distance=self.max_distance)
+
+    @property
+    def relpos(self) -> bucket_attention.Relpos:
+        return bucket_attention.Relpos(self.num_buckets, self.max_distance, self.bidirectional)
+
+    def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+        buckets = self.relpos.buckets(key_positions[None, :] - query_positions[:, None])
         # one-hot matmul instead of a gather: its gradient is a matmul, not a scatter-add of q*k
         # updates into a few buckets (slow on accelerators)
         onehot = jax.nn.one_hot(buckets, self.num_buckets, dtype=self.dtype)  # [q, k, buckets]
-        bias = jnp.einsum("hb,qkb->hqk", jnp.asarray(table, self.dtype), onehot)
+        bias = jnp.einsum("hb,qkb->hqk", jnp.asarray(self.rel_embedding, self.dtype), onehot)
         return bias[None]
+
+    def bucketed(self, segment_ids: Array) -> BucketBias:
+        """The table (fp32) and `segment_ids` [batch, len], for self-attention over positions
+        0..len-1 (what `__call__(arange, arange)` describes densely)."""
+        return BucketBias(table=jnp.asarray(self.rel_embedding, jnp.float32),
+                          segment_ids=segment_ids, relpos=self.relpos)
+
+
+@struct.dataclass
+class BucketBias:
+    """T5's bias in table form plus the segment ids that mask the batch: what the bucket kernel
+    (models/bucket_attention.py) takes in place of a dense bias and mask."""
+
+    table: Array                  # [heads, buckets]
+    segment_ids: Array            # [batch, len]; 0 is padding
+    relpos: bucket_attention.Relpos = struct.field(pytree_node=False)
 
 
 class PaddingLengths(NamedTuple):
@@ -110,7 +109,9 @@ class T5Attention(nn.Module):
         """`mask` is the dense mask of any (packed) batch. With `lengths` (batches without segment
         ids: each row one example plus right-padding) attention uses sequence lengths (+ `causal`)
         instead, so cuDNN runs its fused padding / causal masks and takes only the [1, heads, q, k]
-        bias (a dense mask is folded into a [batch, heads, q, k] bias and bias gradient)."""
+        bias (a dense mask is folded into a [batch, heads, q, k] bias and bias gradient). A
+        `BucketBias` (self-attention in training) goes to the bucket kernel with its segment ids,
+        packed or not; `mask` and `lengths` are then unused."""
         proj = dict(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
                     dtype=self.dtype, param_dtype=self.param_dtype)
         query = layers.DenseGeneral(name="query", kernel_init=_scaled_init(self.head_dim ** -0.5),
@@ -127,7 +128,13 @@ class T5Attention(nn.Module):
         query, key, value = (nn.with_logical_constraint(t, axes) for t in (query, key, value))
         attend = lambda **kw: layers.dot_product_attention(  # noqa: E731
             query, key, value, bias=bias, scale=1.0, implementation=self.attention_impl, **kw)
-        if lengths is None or decode:
+        if isinstance(bias, BucketBias):
+            if self.cross or decode:
+                raise ValueError(f"{self.name}: a BucketBias is for self-attention in training")
+            out = bucket_attention.bucket_attention(
+                query, key, value, bias.table, segment_ids=bias.segment_ids, relpos=bias.relpos,
+                causal=causal, scale=1.0)
+        elif lengths is None or decode:
             out = attend(mask=mask)
         else:
             out = attend(is_causal=causal, query_seq_lengths=lengths.query,
