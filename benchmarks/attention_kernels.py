@@ -34,14 +34,14 @@ CASES = {
     "t5_large_encoder_packed": (64, 512, 16, 64, False, 96),
     "tiny_packed": (2, 96, 2, 16, False, 24),   # CPU smoke test (interpret mode)
 }
-TILES = {  # name: (fwd_q, fwd_k, bwd, dq_q, dq_k, warps, stages)
-    "64-64.32.64-32.w4": (64, 64, 32, 64, 32, 4, 2),
-    "128-64.32.64-32.w4": (128, 64, 32, 64, 32, 4, 2),
-    "128-64.64.128-64.w8": (128, 64, 64, 128, 64, 8, 2),
-    "64-64.64.64-64.w4": (64, 64, 64, 64, 64, 4, 2),
-    "128-32.32.128-32.w4.s3": (128, 32, 32, 128, 32, 4, 3),
+TILES = {  # name: Blocks(fwd_q, fwd_k, fwd_warps, bwd, bwd_warps, dq_q, dq_k, dq_warps, stages)
+    "f64x64w4.b32w4.q64x32w4": (64, 64, 4, 32, 4, 64, 32, 4, 2),
+    "f128x64w4.b32w4.q128x32w4": (128, 64, 4, 32, 4, 128, 32, 4, 2),
+    "f128x64w8.b64w8.q64x64w4": (128, 64, 8, 64, 8, 64, 64, 4, 2),
+    "f64x64w4.b32w2.q64x64w4": (64, 64, 4, 32, 2, 64, 64, 4, 2),
+    "f128x128w8.b16w2.q128x64w8": (128, 128, 8, 16, 2, 128, 64, 8, 2),
+    "f64x64w4.b32w4.q64x32w4.s3": (64, 64, 4, 32, 4, 64, 32, 4, 3),
 }
-
 
 def _segments(b: int, t: int, mean: int, rng) -> np.ndarray:
     seg = np.zeros((b, t), np.int32)
@@ -96,7 +96,30 @@ def _case_fns(case: str, tiles: list[str]):
         fns[f"pallas[{name}]"] = kernel(ba.Blocks(*TILES[name]))
     flops = 3 * 4 * b * n * t * t * h * (0.5 if causal else 1.0)
     valid = (seg != 0)[:, :, None, None]
-    return fns, args, dout, valid, flops
+
+    def parts(name: str, repeats: int) -> dict[str, float]:
+        """Seconds of the bucket kernel's three passes on their own (padded length)."""
+        blocks = ba.Blocks(*TILES[name])
+        q, k, v, table = args
+        unit = max(blocks.fwd_q, blocks.fwd_k, blocks.bwd, blocks.dq_q, blocks.dq_k)
+        tp = t + (-t % unit)
+        pad = lambda x, c=0: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
+                                     constant_values=c)
+        q, k, v, do, sp = pad(q), pad(k), pad(v), pad(dout), pad(seg, -1)
+        fwd = jax.jit(lambda q, k, v, tb: ba._forward(q, k, v, tb, sp, relpos, causal, 1.0,
+                                                      blocks, False))
+        out, lse = fwd(q, k, v, table)
+        plan = ba._plan(tp, blocks.bwd, relpos, causal)
+        bias = ba._full_bias(table, tp, relpos)
+        delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+        pargs = (q, k, v, do, lse, delta, sp, bias)
+        dkdv = jax.jit(lambda *a: ba._dkdv(*a, plan, causal, 1.0, blocks, False))
+        dq = jax.jit(lambda *a: ba._dq(*a, causal, 1.0, blocks, False))
+        return {"fwd_kernel_s": _time(fwd, (q, k, v, table), repeats),
+                "dkdv_kernel_s": _time(dkdv, pargs, repeats),
+                "dq_kernel_s": _time(dq, pargs, repeats), "near_classes": len(plan.classes)}
+
+    return fns, args, dout, valid, flops, parts
 
 
 def _time(fn, args, repeats: int) -> float:
@@ -114,7 +137,7 @@ def run_case(case: str, systems: list[str], tiles: list[str], repeats: int) -> l
     import jax
     import jax.numpy as jnp
 
-    fns, args, dout, valid, flops = _case_fns(case, tiles)
+    fns, args, dout, valid, flops, parts = _case_fns(case, tiles)
     rows, reference = [], None
     for name in ["xla"] + [s for s in fns if s != "xla"]:
         if name != "xla" and not any(name.startswith(s) for s in systems):
@@ -135,6 +158,8 @@ def run_case(case: str, systems: list[str], tiles: list[str], repeats: int) -> l
             row["seconds"] = _time(jitted, args, repeats)
             row["tflops"] = flops / row["seconds"] / 1e12
             row["fwd_seconds"] = _time(jax.jit(fn), args, repeats)
+            if name.startswith("pallas[") and jax.default_backend() == "gpu":
+                row.update(parts(name[len("pallas["):-1], repeats))
         except Exception as e:  # noqa: BLE001 — a tile config the compiler rejects is a result
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)

@@ -12,7 +12,7 @@ new name, an old one leaves the registry when BENCHMARKS.md stops showing it (it
 benchmarks/results/ and git). Flags may hold placeholders the runner fills: `{work}` (this
 benchmark's output folder), `{work_dir}` (their parent), `{scratch}` (large run folders, emptied
 before each run), `{cache}` / `{val_cache}` (the packed LM caches), `{conv}`, `{eval_data}`,
-`{pipeline}`, `{demo_data}`, `{tok}` (data folders under --data_root) and `{repo}`.
+`{pipeline}`, `{demo_data}`, `{tok}`, `{t5pack}` (data folders under --data_root) and `{repo}`.
 
 Standard library only: listing and dry runs work where gin, TensorFlow or seqio are missing.
 """
@@ -215,6 +215,12 @@ for name, desc, flags in (
 train_step("t5_large.synthetic.pallas_attention.train_step", "T5-large at 64: self-attention "
            "through the bucket kernel (models/bucket_attention.py)", T5L,
            "--gin.T5Config.attention_impl='pallas'")
+for name, desc, flags in (("train_step", "dense masks (cuDNN with [batch, heads, q, k] bias)", ()),
+                          ("pallas_attention.train_step", "self-attention through the bucket kernel",
+                           ("--gin.T5Config.attention_impl='pallas'",))):
+    train_step(f"t5_large.packed_sft.{name}", f"T5-large on packed instruction + prompt rows "
+               f"(benchmarks/t5_packed_data.sh), batch 64: {desc}", T5L,
+               "--data={t5pack}/t5_sft", *flags)
 _add(Benchmark("t5_large.attention.kernels", "kernel",
                "T5-large self-attention alone (encoder 512, decoder 114 causal, packed encoder), "
                "forward + backward: bucket kernel tile sizes vs cuDNN with the dense bias",
@@ -373,7 +379,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "t5_large_variants": tuple(n for n in _names("t5_large.synthetic.", kinds=("train_step",))
                                if n != "t5_large.synthetic.train_step"),
     "t5_attention": ("t5_large.attention.kernels", "t5_large.synthetic.train_step",
-                     "t5_large.synthetic.pallas_attention.train_step"),
+                     "t5_large.synthetic.pallas_attention.train_step",
+                     "t5_large.packed_sft.train_step",
+                     "t5_large.packed_sft.pallas_attention.train_step"),
     "decode": _names(kinds=("decode",)),
     "skip_nonfinite": ("decoder_1b.synthetic.train_step",
                        "decoder_1b.synthetic.no_skip_nonfinite.train_step"),

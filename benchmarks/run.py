@@ -60,7 +60,7 @@ def placeholders(args: argparse.Namespace, name: str) -> dict[str, str]:
                                          or os.path.join(root, "bench", "zc100m_lm_validation")),
             "conv": os.path.join(root, "conv"), "eval_data": os.path.join(root, "eval_data"),
             "pipeline": os.path.join(root, "zc100m"), "demo_data": os.path.join(root, "demo_data"),
-            "tok": os.path.join(root, "tok")}
+            "tok": os.path.join(root, "tok"), "t5pack": os.path.join(root, "t5pack")}
 
 
 def _fill(text: str, values: dict[str, str]) -> str:
@@ -322,7 +322,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="override the timed steps")
     p.add_argument("--repeat", type=int, default=1, help="run the whole list N times, in order")
     p.add_argument("--data_root", default=os.path.join(REPO, "out"),
-                   help="holds bench/zc100m_lm_*, conv/, eval_data/, zc100m/, demo_data/, tok/")
+                   help="holds bench/zc100m_lm_*, conv/, eval_data/, zc100m/, demo_data/, tok/, "
+                        "t5pack/")
     p.add_argument("--cache", default=None, help="the packed LM train cache ({cache})")
     p.add_argument("--val_cache", default=None, help="its validation cache ({val_cache})")
     p.add_argument("--work_dir", default=os.path.join(REPO, "out", "bench", "work"),

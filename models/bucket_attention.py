@@ -79,14 +79,17 @@ class Relpos(NamedTuple):
 
 
 class Blocks(NamedTuple):
-    """Tile sizes (powers of two). `bwd` tiles are square: the bucket patterns need it."""
+    """Tile sizes (powers of two) and Triton warps of the three kernels. The dK/dV tiles are
+    square (`bwd`): the bucket patterns need it."""
 
     fwd_q: int = 64
     fwd_k: int = 64
+    fwd_warps: int = 4
     bwd: int = 32
+    bwd_warps: int = 4
     dq_q: int = 64
     dq_k: int = 32
-    warps: int = 4
+    dq_warps: int = 4
     stages: int = 2
     min_programs: int = 264   # the dK/dV pass splits the batch until it has this many programs
 
@@ -248,8 +251,8 @@ def _full_bias(table: Array, length: int, relpos: Relpos) -> Array:
     return jnp.take(table.astype(jnp.float32), buckets, axis=1)   # [heads, len, len]
 
 
-def _params(blocks: Blocks):
-    return plgpu.CompilerParams(num_warps=blocks.warps, num_stages=blocks.stages)
+def _params(blocks: Blocks, warps: int):
+    return plgpu.CompilerParams(num_warps=warps, num_stages=blocks.stages)
 
 
 def _forward(q, k, v, table, seg, relpos, causal, scale, blocks, interpret):
@@ -268,7 +271,8 @@ def _forward(q, k, v, table, seg, relpos, causal, scale, blocks, interpret):
                    pl.BlockSpec((None, None, bq), lambda i, j, m: (j, m, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-        compiler_params=_params(blocks), interpret=interpret, name="bucket_attention_fwd",
+        compiler_params=_params(blocks, blocks.fwd_warps), interpret=interpret,
+        name="bucket_attention_fwd",
     )(q, k, v, seg, bias)
     return out, lse
 
@@ -278,19 +282,17 @@ def _splits(batch: int, programs: int, target: int) -> int:
                 batch)
 
 
-def _backward(q, k, v, table, seg, out, lse, do, relpos, causal, scale, blocks, interpret):
+def _dkdv(q, k, v, do, lse, delta, seg, bias, plan, causal, scale, blocks, interpret):
+    """dK, dV and the per-offset sums of the logit gradient [splits, heads, nk, slots, B, B]."""
     b, t, n, h = q.shape
     blk = blocks.bwd
     nk = t // blk
-    plan = _plan(t, blk, relpos, causal)
-    bias = _full_bias(table, t, relpos)
-    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
     splits = _splits(b, n * nk, blocks.min_programs)
     rows = b // splits
     slots = len(plan.classes) + 2
     full = pl.BlockSpec((rows, t, None, h), lambda s, m, j: (s, 0, m, 0))
     per_head = pl.BlockSpec((rows, None, t), lambda s, m, j: (s, m, 0))
-    dk, dv, acc = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dkdv_kernel, scale=scale, causal=causal, block=blk, plan=plan),
         grid=(splits, n, nk),
         in_specs=[full, full, full, full, per_head, per_head,
@@ -302,10 +304,15 @@ def _backward(q, k, v, table, seg, out, lse, do, relpos, causal, scale, blocks, 
                                 lambda s, m, j: (s, m, j, 0, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                    jax.ShapeDtypeStruct((splits, n, nk, slots, blk, blk), jnp.float32)],
-        compiler_params=_params(blocks), interpret=interpret, name="bucket_attention_dkdv",
+        compiler_params=_params(blocks, blocks.bwd_warps), interpret=interpret,
+        name="bucket_attention_dkdv",
     )(q, k, v, do, lse, delta, seg, bias)
+
+
+def _dq(q, k, v, do, lse, delta, seg, bias, causal, scale, blocks, interpret):
+    b, t, n, h = q.shape
     bq, bk = blocks.dq_q, blocks.dq_k
-    dq = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, causal=causal, bq=bq, bk=bk),
         grid=(t // bq, b, n),
         in_specs=[pl.BlockSpec((None, bq, None, h), lambda i, j, m: (j, i, m, 0)),
@@ -318,16 +325,33 @@ def _backward(q, k, v, table, seg, out, lse, do, relpos, causal, scale, blocks, 
                   pl.BlockSpec((None, bq, t), lambda i, j, m: (m, i, 0))],
         out_specs=pl.BlockSpec((None, bq, None, h), lambda i, j, m: (j, i, m, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(blocks), interpret=interpret, name="bucket_attention_dq",
+        compiler_params=_params(blocks, blocks.dq_warps), interpret=interpret,
+        name="bucket_attention_dq",
     )(q, k, v, do, lse, delta, seg, bias)
+
+
+def _table_grad(acc: Array, plan: _Plan, heads: int, num_buckets: int) -> Array:
+    """[heads, buckets] from the per-offset sums: each near sum through its bucket pattern, the
+    far sums into their side's saturated bucket."""
     sums = jnp.sum(acc, axis=(0, 2))                                  # [heads, slots, B, B]
     c = len(plan.classes)
-    onehot = jax.nn.one_hot(plan.pattern.reshape(-1), relpos.num_buckets, dtype=jnp.float32)
-    dtable = jnp.einsum("hn,nb->hb", sums[:, :c].reshape(n, -1), onehot)
-    dtable += jnp.sum(sums[:, c], axis=(1, 2))[:, None] * jax.nn.one_hot(plan.after,
-                                                                          relpos.num_buckets)
-    dtable += jnp.sum(sums[:, c + 1], axis=(1, 2))[:, None] * jax.nn.one_hot(plan.before,
-                                                                              relpos.num_buckets)
+    onehot = jax.nn.one_hot(plan.pattern.reshape(-1), num_buckets, dtype=jnp.float32)
+    dtable = jnp.einsum("hn,nb->hb", sums[:, :c].reshape(heads, -1), onehot)
+    for slot, bucket in ((c, plan.after), (c + 1, plan.before)):
+        dtable += jnp.sum(sums[:, slot], axis=(1, 2))[:, None] * jax.nn.one_hot(bucket,
+                                                                                 num_buckets)
+    return dtable
+
+
+def _backward(q, k, v, table, seg, out, lse, do, relpos, causal, scale, blocks, interpret):
+    t, n = q.shape[1], q.shape[2]
+    plan = _plan(t, blocks.bwd, relpos, causal)
+    bias = _full_bias(table, t, relpos)
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+    args = (q, k, v, do, lse, delta, seg, bias)
+    dk, dv, acc = _dkdv(*args, plan, causal, scale, blocks, interpret)
+    dq = _dq(*args, causal, scale, blocks, interpret)
+    dtable = _table_grad(acc, plan, n, relpos.num_buckets)
     return dq, dk, dv, dtable.astype(table.dtype)
 
 
