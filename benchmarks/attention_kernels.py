@@ -32,15 +32,20 @@ CASES = {
     "t5_large_encoder": (64, 512, 16, 64, False, 0),
     "t5_large_decoder": (64, 114, 16, 64, True, 0),
     "t5_large_encoder_packed": (64, 512, 16, 64, False, 96),
+    "t5_encoder_2048": (8, 2048, 16, 64, False, 0),
     "tiny_packed": (2, 96, 2, 16, False, 24),   # CPU smoke test (interpret mode)
 }
-TILES = {  # name: Blocks(fwd_q, fwd_k, fwd_warps, bwd, bwd_warps, dq_q, dq_k, dq_warps, stages)
+TILES = {  # name: Blocks(fwd_q, fwd_k, fwd_warps, bwd, bwd_warps, dq_q, dq_k, dq_warps, stages,
+    #                   [min_programs, near_sums]); "m": near sums in memory
     "f64x64w4.b32w4.q64x32w4": (64, 64, 4, 32, 4, 64, 32, 4, 2),
     "f128x64w4.b32w4.q128x32w4": (128, 64, 4, 32, 4, 128, 32, 4, 2),
     "f128x64w8.b64w8.q64x64w4": (128, 64, 8, 64, 8, 64, 64, 4, 2),
     "f64x64w4.b32w2.q64x64w4": (64, 64, 4, 32, 2, 64, 64, 4, 2),
     "f128x128w8.b16w2.q128x64w8": (128, 128, 8, 16, 2, 128, 64, 8, 2),
     "f64x64w4.b32w4.q64x32w4.s3": (64, 64, 4, 32, 4, 64, 32, 4, 3),
+    "f64x64w4.b32w4m.q64x32w4": (64, 64, 4, 32, 4, 64, 32, 4, 2, 264, "memory"),
+    "f64x64w4.b64w4m.q64x32w4": (64, 64, 4, 64, 4, 64, 32, 4, 2, 264, "memory"),
+    "f64x64w4.b64w8m.q64x32w4": (64, 64, 4, 64, 8, 64, 32, 4, 2, 264, "memory"),
 }
 
 def _segments(b: int, t: int, mean: int, rng) -> np.ndarray:

@@ -92,6 +92,8 @@ class Blocks(NamedTuple):
     dq_warps: int = 4
     stages: int = 2
     min_programs: int = 264   # the dK/dV pass splits the batch until it has this many programs
+    near_sums: str = "registers"  # or "memory": the near offsets' sums live in the output tile
+    #                             (read-modify-write per tile; frees registers, one loop of code)
 
 
 class _Plan(NamedTuple):
@@ -171,7 +173,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, bias_ref, o_ref, lse_ref, *, scale
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, bias_ref,
-                 dk_ref, dv_ref, acc_ref, *, scale, causal, block, plan: _Plan):
+                 dk_ref, dv_ref, acc_ref, *, scale, causal, block, plan: _Plan, in_memory: bool):
     kj = pl.program_id(2)
     rows, length, head_dim = q_ref.shape
     nq = length // block
@@ -206,21 +208,34 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, bias_
         if plan.has_after:  # query blocks more than `near` before the key block
             dk, dv, after = lax.fori_loop(0, jnp.maximum(kj - plan.near, 0), far,
                                           (dk, dv, after))
+        def near_tile(i, carry):
+            qi = kj - plan.classes[0] - i
+            ds, dk, dv = tile(jnp.clip(qi, 0, nq - 1), *carry, (qi >= 0) & (qi < nq))
+            acc_ref[i, :, :] = acc_ref[i, :, :] + ds
+            return dk, dv
+
         sums = []
-        for c, acc in zip(plan.classes, near):
-            qi = kj - c
-            ds, dk, dv = tile(jnp.clip(qi, 0, nq - 1), dk, dv, (qi >= 0) & (qi < nq))
-            sums.append(acc + ds)
+        if in_memory:
+            dk, dv = lax.fori_loop(0, len(plan.classes), near_tile, (dk, dv))
+        else:
+            for c, acc in zip(plan.classes, near):
+                qi = kj - c
+                ds, dk, dv = tile(jnp.clip(qi, 0, nq - 1), dk, dv, (qi >= 0) & (qi < nq))
+                sums.append(acc + ds)
         if plan.has_before:
             dk, dv, before = lax.fori_loop(kj + plan.near + 1, nq, far, (dk, dv, before))
         dk_ref[r, :, :] = dk.astype(dk_ref.dtype)
         dv_ref[r, :, :] = dv.astype(dv_ref.dtype)
         return tuple(sums), after, before
 
-    init = (tuple(tile_zeros for _ in plan.classes), tile_zeros, tile_zeros)
+    if in_memory:
+        for i in range(len(plan.classes)):
+            acc_ref[i, :, :] = tile_zeros
+    init = (() if in_memory else tuple(tile_zeros for _ in plan.classes), tile_zeros, tile_zeros)
     near, after, before = lax.fori_loop(0, rows, row, init)
+    first = len(plan.classes) if in_memory else 0
     for i, acc in enumerate(near + (after, before)):
-        acc_ref[i, :, :] = acc
+        acc_ref[first + i, :, :] = acc
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, bias_ref, dq_ref, *,
@@ -293,7 +308,8 @@ def _dkdv(q, k, v, do, lse, delta, seg, bias, plan, causal, scale, blocks, inter
     full = pl.BlockSpec((rows, t, None, h), lambda s, m, j: (s, 0, m, 0))
     per_head = pl.BlockSpec((rows, None, t), lambda s, m, j: (s, m, 0))
     return pl.pallas_call(
-        functools.partial(_dkdv_kernel, scale=scale, causal=causal, block=blk, plan=plan),
+        functools.partial(_dkdv_kernel, scale=scale, causal=causal, block=blk, plan=plan,
+                          in_memory=blocks.near_sums == "memory"),
         grid=(splits, n, nk),
         in_specs=[full, full, full, full, per_head, per_head,
                   pl.BlockSpec((rows, t), lambda s, m, j: (s, 0)),
@@ -417,6 +433,9 @@ def bucket_attention(q: Array, k: Array, v: Array, table: Array, *, segment_ids:
                          f"q {q.shape}, k {k.shape}, v {v.shape}")
     if not supported(h):
         raise ValueError(f"bucket attention needs a power-of-two head dim in [16, 256], got {h}")
+    if blocks.near_sums not in ("registers", "memory"):
+        raise ValueError(f"Blocks.near_sums must be 'registers' or 'memory', got "
+                         f"{blocks.near_sums!r}")
     if table.shape != (n, relpos.num_buckets):
         raise ValueError(f"table {table.shape} is not [heads, buckets] = ({n}, "
                          f"{relpos.num_buckets})")

@@ -12,6 +12,7 @@ from zhchat.models import bucket_attention as ba
 from zhchat.models import layers
 
 SMALL = ba.Blocks(fwd_q=16, fwd_k=16, bwd=16, dq_q=16, dq_k=16, min_programs=4)
+SMALL_MEMORY = SMALL._replace(near_sums="memory")
 
 
 def _segments(b, t, seed):
@@ -53,7 +54,8 @@ def _inputs(b, t, n, h, buckets, seed=0):
     (ba.Relpos(8, 16, True), 100, True),
     (ba.Relpos(32, 128, False), 72, True),    # the decoder's bucketing
     (ba.Relpos(8, 16, False), 120, True)])
-def test_kernel_equals_dense_reference(relpos, t, causal):
+@pytest.mark.parametrize("blocks", [SMALL, SMALL_MEMORY], ids=["registers", "memory"])
+def test_kernel_equals_dense_reference(relpos, t, causal, blocks):
     b, n, h = 3, 2, 16
     q, k, v, table, w = _inputs(b, t, n, h, relpos.num_buckets, seed=t)
     seg = _segments(b, t, seed=t)
@@ -64,7 +66,7 @@ def test_kernel_equals_dense_reference(relpos, t, causal):
         return lambda q, k, v, table: jnp.sum(jnp.where(valid, fn(q, k, v, table) * w, 0.0))
 
     kernel = lambda q, k, v, table: ba.bucket_attention(  # noqa: E731
-        q, k, v, table, segment_ids=seg, relpos=relpos, causal=causal, scale=scale, blocks=SMALL)
+        q, k, v, table, segment_ids=seg, relpos=relpos, causal=causal, scale=scale, blocks=blocks)
     dense = lambda q, k, v, table: _reference(q, k, v, table, seg, relpos, causal, scale)  # noqa: E731
     got, want = kernel(q, k, v, table), dense(q, k, v, table)
     np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=2e-5)
