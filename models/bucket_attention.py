@@ -172,8 +172,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, bias_ref, o_ref, lse_ref, *, scale
     lse_ref[...] = m + jnp.log2(l)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, bias_ref,
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, bias_t_ref,
                  dk_ref, dv_ref, acc_ref, *, scale, causal, block, plan: _Plan, in_memory: bool):
+    # Tiles are computed transposed, keys x queries (as FlashAttention-2's Triton backward): the
+    # dV and dK products then take the probabilities and logit gradients as they are, with no
+    # transpose of a computed tile; only loaded tiles are transposed.
     kj = pl.program_id(2)
     rows, length, head_dim = q_ref.shape
     nq = length // block
@@ -189,39 +192,41 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, bias_
         def tile(qi, dk, dv, valid=None):
             qs = pl.ds(qi * block, block)
             q, do = q_ref[r, qs, :], do_ref[r, qs, :]
-            s, mask = _scores(q, k, bias_ref[qs, :], seg_ref[r, qs], k_seg,
-                              qi * block + jnp.arange(block), k_pos, scale=scale, causal=causal)
+            s_t = plgpu.dot(k, q.T) * (scale * LOG2E) + bias_t_ref[:, qs] * LOG2E
+            mask = k_seg[:, None] == seg_ref[r, qs][None, :]
+            if causal:
+                mask = mask & ((qi * block + jnp.arange(block))[None, :] >= k_pos[:, None])
             if valid is not None:
                 mask = mask & valid
-            p = jnp.where(mask, jnp.exp2(s - lse_ref[r, qs][:, None]), 0.0)
-            ds = p * (plgpu.dot(do, v.T) - delta_ref[r, qs][:, None])  # d loss / d logit
-            dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
-            dk = dk + plgpu.dot((ds * scale).astype(q.dtype).T, q)
-            return ds, dk, dv
+            p_t = jnp.where(mask, jnp.exp2(s_t - lse_ref[r, qs][None, :]), 0.0)
+            ds_t = p_t * (plgpu.dot(v, do.T) - delta_ref[r, qs][None, :])  # d loss / d logit
+            dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
+            dk = dk + plgpu.dot((ds_t * scale).astype(q.dtype), q)
+            return ds_t, dk, dv
 
         def far(qi, carry):
             dk, dv, acc = carry
-            ds, dk, dv = tile(qi, dk, dv)
-            return dk, dv, acc + ds
+            ds_t, dk, dv = tile(qi, dk, dv)
+            return dk, dv, acc + ds_t
+
+        def near_tile(i, carry):
+            qi = kj - plan.classes[0] - i
+            ds_t, dk, dv = tile(jnp.clip(qi, 0, nq - 1), *carry, (qi >= 0) & (qi < nq))
+            acc_ref[i, :, :] = acc_ref[i, :, :] + ds_t
+            return dk, dv
 
         dk, dv = grad_zeros, grad_zeros
         if plan.has_after:  # query blocks more than `near` before the key block
             dk, dv, after = lax.fori_loop(0, jnp.maximum(kj - plan.near, 0), far,
                                           (dk, dv, after))
-        def near_tile(i, carry):
-            qi = kj - plan.classes[0] - i
-            ds, dk, dv = tile(jnp.clip(qi, 0, nq - 1), *carry, (qi >= 0) & (qi < nq))
-            acc_ref[i, :, :] = acc_ref[i, :, :] + ds
-            return dk, dv
-
         sums = []
         if in_memory:
             dk, dv = lax.fori_loop(0, len(plan.classes), near_tile, (dk, dv))
         else:
             for c, acc in zip(plan.classes, near):
                 qi = kj - c
-                ds, dk, dv = tile(jnp.clip(qi, 0, nq - 1), dk, dv, (qi >= 0) & (qi < nq))
-                sums.append(acc + ds)
+                ds_t, dk, dv = tile(jnp.clip(qi, 0, nq - 1), dk, dv, (qi >= 0) & (qi < nq))
+                sums.append(acc + ds_t)
         if plan.has_before:
             dk, dv, before = lax.fori_loop(kj + plan.near + 1, nq, far, (dk, dv, before))
         dk_ref[r, :, :] = dk.astype(dk_ref.dtype)
@@ -298,7 +303,8 @@ def _splits(batch: int, programs: int, target: int) -> int:
 
 
 def _dkdv(q, k, v, do, lse, delta, seg, bias, plan, causal, scale, blocks, interpret):
-    """dK, dV and the per-offset sums of the logit gradient [splits, heads, nk, slots, B, B]."""
+    """dK, dV and the per-offset sums of the logit gradient [splits, heads, nk, slots, B, B]
+    (each tile keys x queries)."""
     b, t, n, h = q.shape
     blk = blocks.bwd
     nk = t // blk
@@ -313,7 +319,7 @@ def _dkdv(q, k, v, do, lse, delta, seg, bias, plan, causal, scale, blocks, inter
         grid=(splits, n, nk),
         in_specs=[full, full, full, full, per_head, per_head,
                   pl.BlockSpec((rows, t), lambda s, m, j: (s, 0)),
-                  pl.BlockSpec((None, t, blk), lambda s, m, j: (m, 0, j))],
+                  pl.BlockSpec((None, blk, t), lambda s, m, j: (m, j, 0))],
         out_specs=[pl.BlockSpec((rows, blk, None, h), lambda s, m, j: (s, j, m, 0)),
                    pl.BlockSpec((rows, blk, None, h), lambda s, m, j: (s, j, m, 0)),
                    pl.BlockSpec((None, None, None, slots, blk, blk),
@@ -322,7 +328,7 @@ def _dkdv(q, k, v, do, lse, delta, seg, bias, plan, causal, scale, blocks, inter
                    jax.ShapeDtypeStruct((splits, n, nk, slots, blk, blk), jnp.float32)],
         compiler_params=_params(blocks, blocks.bwd_warps), interpret=interpret,
         name="bucket_attention_dkdv",
-    )(q, k, v, do, lse, delta, seg, bias)
+    )(q, k, v, do, lse, delta, seg, jnp.swapaxes(bias, 1, 2))
 
 
 def _dq(q, k, v, do, lse, delta, seg, bias, causal, scale, blocks, interpret):
@@ -351,7 +357,8 @@ def _table_grad(acc: Array, plan: _Plan, heads: int, num_buckets: int) -> Array:
     far sums into their side's saturated bucket."""
     sums = jnp.sum(acc, axis=(0, 2))                                  # [heads, slots, B, B]
     c = len(plan.classes)
-    onehot = jax.nn.one_hot(plan.pattern.reshape(-1), num_buckets, dtype=jnp.float32)
+    pattern = np.swapaxes(plan.pattern, 1, 2)            # the sums are key x query tiles
+    onehot = jax.nn.one_hot(pattern.reshape(-1), num_buckets, dtype=jnp.float32)
     dtable = jnp.einsum("hn,nb->hb", sums[:, :c].reshape(heads, -1), onehot)
     for slot, bucket in ((c, plan.after), (c + 1, plan.before)):
         dtable += jnp.sum(sums[:, slot], axis=(1, 2))[:, None] * jax.nn.one_hot(bucket,
