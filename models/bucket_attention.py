@@ -85,15 +85,16 @@ class Blocks(NamedTuple):
     fwd_q: int = 64
     fwd_k: int = 64
     fwd_warps: int = 4
-    bwd: int = 32
+    bwd: int = 64
     bwd_warps: int = 4
     dq_q: int = 64
     dq_k: int = 32
     dq_warps: int = 4
     stages: int = 2
-    min_programs: int = 264   # the dK/dV pass splits the batch until it has this many programs
-    near_sums: str = "registers"  # or "memory": the near offsets' sums live in the output tile
-    #                             (read-modify-write per tile; frees registers, one loop of code)
+    min_programs: int = 4096  # the dK/dV pass splits the batch until it has this many programs
+    near_sums: str = "memory"  # the near offsets' sums live in the output tile (read-modify-write
+    #                            per tile: frees registers, one loop of code) or in "registers"
+    # (the defaults are the fastest measured on an H200: BENCHMARKS.md, T5 v1.1-large)
 
 
 class _Plan(NamedTuple):
