@@ -222,10 +222,11 @@ for name, desc, flags in (("train_step", "dense masks (cuDNN with [batch, heads,
                f"(benchmarks/t5_packed_data.sh), batch 64: {desc}", T5L,
                "--data={t5pack}/t5_sft", *flags)
 _add(Benchmark("t5_large.attention.kernels", "kernel",
-               "T5-large self-attention alone (encoder 512, decoder 114 causal, packed encoder), "
-               "forward + backward: bucket kernel tile sizes vs cuDNN with the dense bias",
+               "T5 self-attention alone (T5-large encoder 512 and decoder 114 causal, encoder "
+               "2048), forward + backward: the bucket kernel (first and default tiles) vs cuDNN "
+               "with the dense bias and without a bias",
                (Call("zhchat.benchmarks.attention_kernels",
-                     ("--cases=t5_large_encoder,t5_large_decoder,t5_large_encoder_packed",
+                     ("--cases=t5_large_encoder,t5_large_decoder,t5_encoder_2048",
                       f"--out={RECORDS}")),), timeout_s=600))
 
 # --- Decoding (issue 4) ---------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import functools
 import math
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
+
+from zhchat.models import layers
 
 Array = jax.Array
 LOG2E = math.log2(math.e)
@@ -411,22 +412,6 @@ def _local(q, k, v, table, seg, *, relpos, causal, scale, blocks, interpret):
     return out[:, :t]
 
 
-def _mesh_axes(heads: int):
-    try:
-        mesh = jax.sharding.get_abstract_mesh()
-        batch = nn.logical_to_mesh_axes(("activation_batch",))[0]
-        head_axes = nn.logical_to_mesh_axes(("activation_heads",))[0]
-    except (ValueError, RuntimeError, AttributeError):
-        return None, None, None
-    if mesh is None or getattr(mesh, "empty", True) or math.prod(dict(mesh.shape).values()) == 1:
-        return None, None, None
-    size = lambda axes: math.prod(dict(mesh.shape).get(a, 1)  # noqa: E731
-                                  for a in ((axes,) if isinstance(axes, str) else axes or ()))
-    if head_axes is not None and heads % size(head_axes):
-        head_axes = None
-    return mesh, batch, head_axes
-
-
 def bucket_attention(q: Array, k: Array, v: Array, table: Array, *, segment_ids: Array,
                      relpos: Relpos = Relpos(), causal: bool = False, scale: float = 1.0,
                      blocks: Blocks = Blocks(), interpret: bool | None = None) -> Array:
@@ -453,7 +438,7 @@ def bucket_attention(q: Array, k: Array, v: Array, table: Array, *, segment_ids:
     fn = functools.partial(_local, relpos=relpos, causal=causal, scale=scale, blocks=blocks,
                            interpret=interpret)
     seg = segment_ids.astype(jnp.int32)
-    mesh, batch, heads = _mesh_axes(n)
+    mesh, batch, heads = layers.kernel_mesh_axes(n)
     if mesh is None:
         return fn(q, k, v, table, seg)
     qkv = P(batch, None, heads, None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -310,6 +311,26 @@ def dot_product_attention(query: Array, key: Array, value: Array, *, bias: Array
                        f"(bias={bias is not None}, mask={mask is not None}, causal={is_causal}): "
                        f"{e}; using XLA attention")
     return _xla_attention(query, key, value, **kwargs)
+
+
+def kernel_mesh_axes(*head_counts: int):
+    """(mesh, batch axes, head axes) for running a Pallas kernel under `shard_map` over the
+    active mesh's activation axes ("activation_batch", "activation_heads"); head axes only when
+    they divide every count in `head_counts`. (None, None, None) without a mesh of several devices
+    (a Pallas kernel is not partitioned by XLA, so it runs per shard on its local rows)."""
+    try:
+        mesh = jax.sharding.get_abstract_mesh()
+        batch = nn.logical_to_mesh_axes(("activation_batch",))[0]
+        heads = nn.logical_to_mesh_axes(("activation_heads",))[0]
+    except (ValueError, RuntimeError, AttributeError):
+        return None, None, None
+    if mesh is None or getattr(mesh, "empty", True) or math.prod(dict(mesh.shape).values()) == 1:
+        return None, None, None
+    size = lambda axes: math.prod(dict(mesh.shape).get(a, 1)  # noqa: E731
+                                  for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    if heads is not None and any(n % size(heads) for n in head_counts):
+        heads = None
+    return mesh, batch, heads
 
 
 @functools.lru_cache(maxsize=None)

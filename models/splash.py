@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from zhchat.models import layers
 
 Array = jax.Array
 BLOCKS = (512, 256, 128)
@@ -56,22 +57,6 @@ def _local(q: Array, k: Array, v: Array, segment_ids: Array, interpret: bool) ->
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def _mesh_axes(n: int, kv: int):
-    try:
-        mesh = jax.sharding.get_abstract_mesh()
-        batch = nn.logical_to_mesh_axes(("activation_batch",))[0]
-        heads = nn.logical_to_mesh_axes(("activation_heads",))[0]
-    except (ValueError, RuntimeError, AttributeError):
-        return None, None, None
-    if mesh is None or getattr(mesh, "empty", True) or math.prod(dict(mesh.shape).values()) == 1:
-        return None, None, None
-    size = lambda axes: math.prod(dict(mesh.shape).get(a, 1)  # noqa: E731
-                                  for a in ((axes,) if isinstance(axes, str) else axes or ()))
-    if heads is not None and (n % size(heads) or kv % size(heads)):
-        heads = None
-    return mesh, batch, heads
-
-
 def splash_causal_attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None,
                             interpret: bool | None = None) -> Array:
     """Causal attention of q [b, t, n, h] over k/v [b, t, kv, h] within segments (all one segment
@@ -84,7 +69,7 @@ def splash_causal_attention(q: Array, k: Array, v: Array, *, segment_ids: Array 
         interpret = jax.default_backend() != "tpu"
     seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
     fn = functools.partial(_local, interpret=interpret)
-    mesh, batch, heads = _mesh_axes(n, k.shape[2])
+    mesh, batch, heads = layers.kernel_mesh_axes(n, k.shape[2])
     if mesh is None:
         return fn(q, k, v, seg)
     qkv_spec, seg_spec = P(batch, None, heads, None), P(batch, None)

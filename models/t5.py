@@ -44,7 +44,7 @@ class T5Config:
     dropout_rate: float = 0.0
     dtype: Any = "bfloat16"
     param_dtype: Any = "float32"
-    attention_impl: str = "auto"
+    attention_impl: str = "auto"     # layers.ATTENTION_IMPLEMENTATIONS; "pallas": bucket kernel
     scan_layers: bool = False        # nn.scan over each stack: one compiled layer, fast compiles
     remat_policy: str = "none"       # as DecoderConfig.remat_policy (training; decoding never remats)
     # Shared embedding std: 1.0 as T5/T5X/HF. Measured best with both optimizers (T5-small, 1,200
@@ -64,6 +64,9 @@ class T5Config:
             raise ValueError(f"T5Config.logits_init_std={self.logits_init_std!r} must be >= 0")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"T5Config.dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        if self.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"T5Config.attention_impl={self.attention_impl!r} must be one of "
+                             f"{layers.ATTENTION_IMPLEMENTATIONS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"T5Config.remat_policy={self.remat_policy!r} must be one of "
                              f"{REMAT_POLICIES}")

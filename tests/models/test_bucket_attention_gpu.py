@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from zhchat.benchmarks import attention_kernels
 from zhchat.models import bucket_attention as ba
 from zhchat.models import layers
 
@@ -32,16 +33,7 @@ def _reference(q, k, v, table, seg, relpos, causal):
                                                             min_programs=264)])
 def test_triton_kernel_equals_dense_reference(t, causal, mean, tiles):
     b, n, h = 4, 4, 64
-    rng = np.random.default_rng(t + mean)
-    seg = np.zeros((b, t), np.int32)
-    for r in range(b):
-        if not mean:
-            seg[r, : int(rng.integers(t // 2, t + 1))] = 1
-            continue
-        pos, sid = 0, 1
-        while pos < t - 8:
-            m = int(rng.integers(8, 2 * mean))
-            seg[r, pos:pos + m], pos, sid = sid, pos + m, sid + 1
+    seg = attention_kernels.packed_segments(b, t, mean, np.random.default_rng(t + mean))
     seg = jnp.asarray(seg)
     relpos = ba.Relpos(32, 128, bidirectional=not causal)
     keys = jax.random.split(jax.random.PRNGKey(t), 5)

@@ -85,3 +85,19 @@ def test_bucket_kernel_sharded_equals_unsharded():
     got = _grads("pallas", params8, batch8, sharded)
     assert len(jax.tree.leaves(got[0])[0].sharding.device_set) == 8
     _assert_same(got, want)
+
+
+def test_pallas_falls_back_where_the_kernel_cannot_run_and_bad_names_are_rejected():
+    """A head dim the kernel cannot tile runs the dense path (same loss as XLA, said once in the
+    log); an unknown implementation is a config error."""
+    batch = _batch(2, packed=True)
+    shapes = {k: v.shape for k, v in batch.items()}
+    cfg = {**TINY, "head_dim": 24}
+    losses = []
+    for impl in ("pallas", "xla"):
+        model = EncoderDecoderModel(config=t5.T5Config(**cfg, attention_impl=impl))
+        params = nn.unbox(jax.jit(lambda k: model.init_params(k, shapes))(jax.random.key(0)))
+        losses.append(float(jax.jit(model.loss_fn)(params, batch, None)[0]))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    with pytest.raises(ValueError, match="attention_impl"):
+        t5.T5Config(attention_impl="flash")
