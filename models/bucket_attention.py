@@ -7,10 +7,12 @@ bias-gradient passes are ~17 ms of T5-large's 57 ms of attention a step). Here t
 leaves the kernel at that size: the bias depends on key - query only, so every [B, B] tile of the
 score matrix at the same block offset c = key block - query block has the same bucket pattern,
 and beyond a few blocks every tile lies in one saturated bucket (T5's distances past
-`max_distance` share the last bucket). The dK/dV pass, which visits every tile of a key block,
-sums the logit gradient of each near offset (and of the far tiles on either side) over the batch
-in registers; the table's gradient is those few [B, B] sums contracted with their static bucket
-patterns.
+`max_distance` share the last bucket). The dK/dV pass, which visits every tile of a key block
+(computed keys x queries, as FlashAttention-2's backward, so no computed tile is transposed),
+sums the logit gradient of each near offset (and of the far tiles on either side) over the batch;
+the table's gradient is those few [B, B] sums contracted with their static bucket patterns.
+Measured on an H200 it is slower than cuDNN's dense-bias path (BENCHMARKS.md, T5 v1.1-large), so
+models use it only when asked (`attention_impl="pallas"`).
 
 Masks: segment ids (packed rows: a token sees its own segment; padding, id 0, sees padding) and
 optionally causal. Self-attention only (queries and keys are one sequence). Runs on GPU through
