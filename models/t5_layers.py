@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from flax import struct
 
 from zhchat.models import bucket_attention, layers
