@@ -113,23 +113,18 @@ def _case_fns(case: str, tiles: list[str]):
         """Seconds of the bucket kernel's three passes on their own (padded length)."""
         blocks = ba.Blocks(*TILES[name])
         q, k, v, table = args
-        unit = max(blocks.fwd_q, blocks.fwd_k, blocks.bwd, blocks.dq_q, blocks.dq_k)
-        tp = t + (-t % unit)
-        pad = lambda x, c=0: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
-                                     constant_values=c)
-        q, k, v, do, sp = pad(q), pad(k), pad(v), pad(dout), pad(seg, -1)
+        sp, q, k, v, do = ba.pad_to_tiles(blocks, seg, q, k, v, dout)
         fwd = jax.jit(lambda q, k, v, tb: ba._forward(q, k, v, tb, sp, relpos, causal, 1.0,
                                                       blocks, False))
         out, lse = fwd(q, k, v, table)
-        plan = ba._plan(tp, blocks.bwd, relpos, causal)
-        bias = ba._full_bias(table, tp, relpos)
-        delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
-        pargs = (q, k, v, do, lse, delta, sp, bias)
+        delta, bias, bias_t, plan = ba.backward_inputs(table, out, do, relpos, causal, blocks)
+        common = (q, k, v, do, lse, delta, sp)
         dkdv = jax.jit(lambda *a: ba._dkdv(*a, plan, causal, 1.0, blocks, False))
         dq = jax.jit(lambda *a: ba._dq(*a, causal, 1.0, blocks, False))
         return {"fwd_kernel_s": _time(fwd, (q, k, v, table), repeats),
-                "dkdv_kernel_s": _time(dkdv, pargs, repeats),
-                "dq_kernel_s": _time(dq, pargs, repeats), "near_classes": len(plan.classes)}
+                "dkdv_kernel_s": _time(dkdv, common + (bias_t,), repeats),
+                "dq_kernel_s": _time(dq, common + (bias,), repeats),
+                "near_classes": len(plan.classes)}
 
     return fns, args, dout, valid, flops, parts
 

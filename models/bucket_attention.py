@@ -269,10 +269,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, bias_re
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _full_bias(table: Array, length: int, relpos: Relpos) -> Array:
+def _full_bias(table: Array, length: int, relpos: Relpos, *, transposed: bool = False) -> Array:
+    """[heads, query, key] bias (fp32), or [heads, key, query] when `transposed`."""
     pos = jnp.arange(length)
-    buckets = jnp.asarray(_bucket_vector(length, relpos))[pos[None, :] - pos[:, None] + length - 1]
-    return jnp.take(table.astype(jnp.float32), buckets, axis=1)   # [heads, len, len]
+    rel = pos[None, :] - pos[:, None]                              # key - query
+    rel = -rel if transposed else rel
+    buckets = jnp.asarray(_bucket_vector(length, relpos))[rel + length - 1]
+    return jnp.take(table.astype(jnp.float32), buckets, axis=1)
 
 
 def _params(blocks: Blocks, warps: int):
@@ -306,7 +309,7 @@ def _splits(batch: int, programs: int, target: int) -> int:
                 batch)
 
 
-def _dkdv(q, k, v, do, lse, delta, seg, bias, plan, causal, scale, blocks, interpret):
+def _dkdv(q, k, v, do, lse, delta, seg, bias_t, plan, causal, scale, blocks, interpret):
     """dK, dV and the per-offset sums of the logit gradient [splits, heads, nk, slots, B, B]
     (each tile keys x queries)."""
     b, t, n, h = q.shape
@@ -332,7 +335,7 @@ def _dkdv(q, k, v, do, lse, delta, seg, bias, plan, causal, scale, blocks, inter
                    jax.ShapeDtypeStruct((splits, n, nk, slots, blk, blk), jnp.float32)],
         compiler_params=_params(blocks, blocks.bwd_warps), interpret=interpret,
         name="bucket_attention_dkdv",
-    )(q, k, v, do, lse, delta, seg, jnp.swapaxes(bias, 1, 2))
+    )(q, k, v, do, lse, delta, seg, bias_t)
 
 
 def _dq(q, k, v, do, lse, delta, seg, bias, causal, scale, blocks, interpret):
@@ -370,14 +373,22 @@ def _table_grad(acc: Array, plan: _Plan, heads: int, num_buckets: int) -> Array:
     return dtable
 
 
-def _backward(q, k, v, table, seg, out, lse, do, relpos, causal, scale, blocks, interpret):
-    t, n = q.shape[1], q.shape[2]
-    plan = _plan(t, blocks.bwd, relpos, causal)
-    bias = _full_bias(table, t, relpos)
+def backward_inputs(table, out, do, relpos, causal, blocks):
+    """What both backward passes read besides q, k, v, dO, the LSE and segments: the row deltas
+    sum(out * dO) [b, heads, len], the bias for the dQ pass and transposed for the dK/dV pass,
+    and the dK/dV pass's tile plan (also the kernel benchmark's per-pass timing)."""
+    t = out.shape[1]
     delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
-    args = (q, k, v, do, lse, delta, seg, bias)
-    dk, dv, acc = _dkdv(*args, plan, causal, scale, blocks, interpret)
-    dq = _dq(*args, causal, scale, blocks, interpret)
+    return (delta, _full_bias(table, t, relpos), _full_bias(table, t, relpos, transposed=True),
+            _plan(t, blocks.bwd, relpos, causal))
+
+
+def _backward(q, k, v, table, seg, out, lse, do, relpos, causal, scale, blocks, interpret):
+    n = q.shape[2]
+    delta, bias, bias_t, plan = backward_inputs(table, out, do, relpos, causal, blocks)
+    dk, dv, acc = _dkdv(q, k, v, do, lse, delta, seg, bias_t, plan, causal, scale, blocks,
+                        interpret)
+    dq = _dq(q, k, v, do, lse, delta, seg, bias, causal, scale, blocks, interpret)
     dtable = _table_grad(acc, plan, n, relpos.num_buckets)
     return dq, dk, dv, dtable.astype(table.dtype)
 
@@ -402,14 +413,21 @@ def _attention_bwd(relpos, causal, scale, blocks, interpret, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def pad_to_tiles(blocks: Blocks, seg: Array, *xs: Array) -> tuple[Array, ...]:
+    """`seg` [b, t] and each [b, t, ...] of `xs` padded along t to a multiple of every tile; the
+    added rows get a segment of their own (they see only each other)."""
+    t = seg.shape[1]
+    pad = -t % max(blocks.fwd_q, blocks.fwd_k, blocks.bwd, blocks.dq_q, blocks.dq_k)
+    if not pad:
+        return (seg, *xs)
+    widths = lambda x: ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)  # noqa: E731
+    return (jnp.pad(seg, widths(seg), constant_values=_PAD_SEGMENT),
+            *(jnp.pad(x, widths(x)) for x in xs))
+
+
 def _local(q, k, v, table, seg, *, relpos, causal, scale, blocks, interpret):
     t = q.shape[1]
-    unit = max(blocks.fwd_q, blocks.fwd_k, blocks.bwd, blocks.dq_q, blocks.dq_k)
-    pad = -t % unit
-    if pad:
-        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-        seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=_PAD_SEGMENT)
+    seg, q, k, v = pad_to_tiles(blocks, seg, q, k, v)
     out = _attention(q, k, v, table, seg, relpos, causal, scale, blocks, interpret)
     return out[:, :t]
 
