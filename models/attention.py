@@ -1,9 +1,12 @@
-"""Causal self-attention over packed rows (several documents a row, seqio segment ids).
+"""Self-attention over packed rows (several documents a row, seqio segment ids).
 
 A packed row holds documents 1, 2, ... back to back, then padding (segment id 0); a token sees the
-earlier tokens of its own document only. `packed_causal_attention` picks, at run time, one of:
+earlier tokens of its own document only (`packed_causal_attention`), or with `causal=False` every
+token of it (`packed_attention`; prefix-LM rows use both, models/prefix_attention.py). Either picks,
+at run time, one of:
 
-- every row one document + padding -> plain causal flash attention (no mask at all);
+- every row one document + padding -> plain flash attention (causal: no mask at all;
+  bidirectional: the row's length);
 - the batch's documents fit the segment table (below), on a Hopper GPU -> cuDNN flash attention in
   its packed ("THD") layout: each document's start and length go to the kernel, which skips the
   blocks across documents, so no [len, len] mask is built or read (forward and backward);
@@ -152,16 +155,17 @@ def uses_packed_kernel(implementation: str, dtype, head_dim: int) -> bool:
 
 
 def _cudnn_packed(q: Array, k: Array, v: Array, info: SegmentInfo, segment_ids: Array,
-                  scale: float) -> Array:
+                  scale: float, causal: bool = True) -> Array:
     from jax._src.cudnn import fused_attention_stablehlo as fa
     dtype = q.dtype
     valid = (segment_ids != 0)[:, :, None, None]
     # padding tokens lie outside every document: the kernel leaves their outputs and gradients
     # unwritten, so both are zeroed here (the inputs' where masks the gradients)
     q, k, v = (jnp.where(valid, x.astype(dtype), jnp.zeros((), dtype)) for x in (q, k, v))
+    mask_type = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
     out = fa.dot_product_attention(
         q, k, v, None, None, info.lengths, info.lengths, info.offsets, info.offsets, scale=scale,
-        mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+        mask_type=mask_type, qkv_layout="BTNH")
     return jnp.where(valid, out, jnp.zeros((), out.dtype))
 
 
@@ -169,23 +173,38 @@ def packed_causal_attention(q: Array, k: Array, v: Array, *, segment_ids: Array,
                             info: SegmentInfo | None = None, implementation: str = "auto",
                             max_segments: int = 16) -> Array:
     """Causal attention of q [b, t, n, h] over k/v [b, t, kv, h] within each row's segments."""
+    return packed_attention(q, k, v, segment_ids=segment_ids, info=info, causal=True,
+                            implementation=implementation, max_segments=max_segments)
+
+
+def packed_attention(q: Array, k: Array, v: Array, *, segment_ids: Array,
+                     info: SegmentInfo | None = None, causal: bool = True,
+                     implementation: str = "auto", max_segments: int = 16) -> Array:
+    """Attention of q [b, t, n, h] over k/v [b, t, kv, h] within each row's segments, causal or
+    bidirectional. Outputs on padding (id 0) positions are unspecified (they carry no loss)."""
     impl = layers.resolve_attention_impl(implementation, q.dtype, q.shape[-1])
     if impl == "splash" and splash.supported(q.shape[1], q.shape[-1]):
-        return splash.splash_causal_attention(q, k, v, segment_ids=segment_ids)
+        return splash.splash_attention(q, k, v, segment_ids=segment_ids, causal=causal)
     if info is None:
         info = segment_info(segment_ids, max_segments)
-    causal = lambda: layers.dot_product_attention(q, k, v, is_causal=True,
-                                                  implementation=implementation)
+    if causal:  # one document a row: its padding keys come after every query of it
+        plain = lambda: layers.dot_product_attention(q, k, v, is_causal=True,
+                                                     implementation=implementation)
+    else:       # ... but a bidirectional query would see them: the row's length bounds the keys
+        lengths = jnp.maximum(jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32), 1)
+        plain = lambda: layers.dot_product_attention(
+            q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+            implementation=implementation)
     masked = lambda: layers.dot_product_attention(
-        q, k, v, mask=layers.make_attention_mask(segment_ids, segment_ids, causal=True),
+        q, k, v, mask=layers.make_attention_mask(segment_ids, segment_ids, causal=causal),
         implementation=implementation)
     if uses_packed_kernel(implementation, q.dtype, q.shape[-1]):
         scale = 1.0 / float(q.shape[-1]) ** 0.5
-        packed = lambda: _cudnn_packed(q, k, v, info, segment_ids, scale)
+        packed = lambda: _cudnn_packed(q, k, v, info, segment_ids, scale, causal)
         branch = jnp.where(info.unpacked, 0, jnp.where(info.fits, 1, 2))
         try:
-            return jax.lax.switch(branch, (causal, packed, masked))
+            return jax.lax.switch(branch, (plain, packed, masked))
         except (NotImplementedError, ValueError) as e:  # shapes cuDNN's packed layout rejects
-            layers.warn_once(f"cuDNN packed attention rejected {q.shape} q / {k.shape} kv: {e}; "
-                             "packed rows use a dense mask")
-    return jax.lax.cond(info.unpacked, causal, masked)
+            layers.warn_once(f"cuDNN packed attention rejected {q.shape} q / {k.shape} kv "
+                             f"(causal={causal}): {e}; packed rows use a dense mask")
+    return jax.lax.cond(info.unpacked, plain, masked)

@@ -9,8 +9,9 @@ Attention over packed rows is models/attention.py's `packed_causal_attention`: u
 attention on Hopper GPUs when the batch's documents fit its segment table
 (`max_segments_per_row` slots a row, shared across rows; rows are sorted by document count within
 each data-parallel shard for it, and put back before the output norm: `sort_packed_rows`),
-anything else a dense [batch, 1, len, len] mask (also XLA's path on CPU/TPU); prefix-LM rows
-always use the mask.
+anything else a dense [batch, 1, len, len] mask (also XLA's path on CPU/TPU). Prefix-LM rows
+split into a bidirectional call over each segment's inputs and a causal call, both on those paths
+(models/prefix_attention.py), when their inputs lead each segment; else the mask.
 The choice is made at run time, so one compiled step serves every batch; outputs on padding
 positions may differ between the paths (they carry no loss).
 
@@ -38,7 +39,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from zhchat.models import attention, layers
+from zhchat.models import attention, layers, prefix_attention
 from zhchat.models.remat import REMAT_POLICIES, checkpoint_policy
 
 Array = jax.Array
@@ -65,6 +66,7 @@ class DecoderConfig:
     remat_policy: str = "none"
     max_segments_per_row: int = 16
     sort_packed_rows: bool = True
+    split_prefix_attention: bool = True     # False: prefix-LM rows keep the dense mask (to compare)
     embedding_grad: str = "one_hot"
     scan_layers: bool = False
     attention_impl: str = "auto"
@@ -154,6 +156,10 @@ class Attention(nn.Module):
             if prefix is None and segments is not None:
                 out = attention.packed_causal_attention(
                     q, k, v, segment_ids=seg, info=segments, implementation=cfg.attention_impl)
+            elif prefix is not None and segments is not None:
+                out = prefix_attention.prefix_lm_attention(
+                    q, k, v, segment_ids=seg, prefix=prefix, info=segments,
+                    implementation=cfg.attention_impl)
             else:
                 out = attend(mask=layers.make_attention_mask(
                     seg, seg, causal=True, query_prefix=prefix, kv_prefix=prefix))
@@ -247,15 +253,25 @@ class Decoder(nn.Module):
                 raise ValueError("decode=True needs explicit positions [batch, len]")
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         segments, order = None, None
-        if segment_ids is not None and not decode and prefix is None:
+        if prefix is not None and segment_ids is None and not decode:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        if prefix is not None and not cfg.split_prefix_attention:
+            pass  # the layers build the dense prefix-LM mask
+        elif segment_ids is not None and not decode:
             groups = attention.batch_groups(tokens.shape[0])
             if cfg.sort_packed_rows and attention.uses_packed_kernel(
                     cfg.attention_impl, dt, cfg.head_dim):
                 order = attention.sort_rows(segment_ids, groups)  # rows fit the segment table
                 tokens, positions, segment_ids = (attention.permute_rows(a, order)
                                                   for a in (tokens, positions, segment_ids))
-            segments = attention.segment_info(segment_ids, cfg.max_segments_per_row,
-                                              groups=groups)
+                if prefix is not None:
+                    prefix = attention.permute_rows(prefix, order)
+            if prefix is None:
+                segments = attention.segment_info(segment_ids, cfg.max_segments_per_row,
+                                                  groups=groups)
+            else:
+                segments = prefix_attention.prefix_info(segment_ids, prefix,
+                                                        cfg.max_segments_per_row, groups=groups)
 
         embed = layers.Embed(num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=dt,
                              param_dtype=pdt, embedding_init=_normal(cfg.init_std),

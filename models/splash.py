@@ -1,4 +1,4 @@
-"""Causal attention through splash attention (jax's Pallas TPU kernel) with segment ids.
+"""Causal (and bidirectional) attention through splash attention (jax's Pallas TPU kernel) with segment ids.
 
 On TPU this is the flash path for both one-document and packed rows: the kernel takes the segment
 ids itself and skips blocks that no query of a block may see. Elsewhere it runs in Pallas's
@@ -28,7 +28,7 @@ def supported(seq_len: int, head_dim: int) -> bool:
     return head_dim % 128 == 0 and seq_len % 128 == 0
 
 
-def _kernel(seq_len: int, group: int, interpret: bool):
+def _kernel(seq_len: int, group: int, interpret: bool, causal: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -36,14 +36,17 @@ def _kernel(seq_len: int, group: int, interpret: bool):
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                           block_q_dq=block, block_kv_dq=block)
-    mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(group)])
+    shape = (seq_len, seq_len)
+    one = sm.CausalMask(shape) if causal else sm.FullMask(shape)
+    mask = sm.MultiHeadMask([one for _ in range(group)])
     return sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret), sk
 
 
-def _local(q: Array, k: Array, v: Array, segment_ids: Array, interpret: bool) -> Array:
+def _local(q: Array, k: Array, v: Array, segment_ids: Array, interpret: bool,
+           causal: bool) -> Array:
     b, t, n, h = q.shape
     kv = k.shape[2]
-    kernel, sk = _kernel(t, n // kv, interpret)
+    kernel, sk = _kernel(t, n // kv, interpret, causal)
     q = (q * (1.0 / math.sqrt(h))).astype(q.dtype)
     # [b, t, n, h] -> [b, kv, group, t, h]; k/v -> [b, kv, t, h]
     qg = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
@@ -61,6 +64,13 @@ def splash_causal_attention(q: Array, k: Array, v: Array, *, segment_ids: Array 
                             interpret: bool | None = None) -> Array:
     """Causal attention of q [b, t, n, h] over k/v [b, t, kv, h] within segments (all one segment
     when `segment_ids` is None)."""
+    return splash_attention(q, k, v, segment_ids=segment_ids, causal=True, interpret=interpret)
+
+
+def splash_attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None,
+                     causal: bool = True, interpret: bool | None = None) -> Array:
+    """Attention of q [b, t, n, h] over k/v [b, t, kv, h] within segments, causal or not (a
+    non-causal call lets padding, id 0, see padding: callers discard those outputs)."""
     b, t, n, h = q.shape
     if not supported(t, h):
         raise ValueError(f"splash attention needs head_dim % 128 == 0 and len % 128 == 0, "
@@ -68,7 +78,7 @@ def splash_causal_attention(q: Array, k: Array, v: Array, *, segment_ids: Array 
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    fn = functools.partial(_local, interpret=interpret)
+    fn = functools.partial(_local, interpret=interpret, causal=causal)
     mesh, batch, heads = layers.kernel_mesh_axes(n, k.shape[2])
     if mesh is None:
         return fn(q, k, v, seg)

@@ -104,7 +104,7 @@ def test_packed_causal_attention_xla_matches_dense_mask_and_causal():
         layers.dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
 
 
-def _emulated_kernel(q, k, v, info, segment_ids, scale):
+def _emulated_kernel(q, k, v, info, segment_ids, scale, causal=True):
     """What cuDNN's packed kernel computes, from the table alone (via XLA), zero on padding."""
     b, t = segment_ids.shape
     lengths, offsets = info.lengths, info.offsets[:, :-1]
@@ -113,8 +113,9 @@ def _emulated_kernel(q, k, v, info, segment_ids, scale):
     end = start + lengths.reshape(-1)
     inside = (flat[:, None] >= start[None]) & (flat[:, None] < end[None]) & (lengths.reshape(-1) > 0)
     doc = jnp.where(inside.any(1), jnp.argmax(inside, axis=1) + 1, 0).reshape(b, t)
-    mask = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] > 0) & jnp.tril(
-        jnp.ones((t, t), bool))
+    mask = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] > 0)
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((t, t), bool))
     out = layers.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla",
                                        scale=scale)
     return jnp.where((segment_ids != 0)[:, :, None, None], out, 0.0)
@@ -142,11 +143,25 @@ def _decoder_batch(b=8, t=48):
             "decoder_loss_weights": jnp.asarray(seg > 0, jnp.float32)}
 
 
-def test_decoder_on_the_packed_route_equals_the_masked_one(monkeypatch):
+def _with_prefix(batch):
+    """Each segment's first tokens (0 to all but one) become prefix-LM inputs."""
+    seg = np.asarray(batch["decoder_segment_ids"])
+    rng, prefix = np.random.default_rng(8), np.zeros_like(seg)
+    for r in range(seg.shape[0]):
+        for s in np.unique(seg[r][seg[r] > 0]):
+            idx = np.nonzero(seg[r] == s)[0]
+            prefix[r, idx[:int(rng.integers(0, len(idx)))]] = 1
+    return dict(batch, decoder_causal_attention=jnp.asarray(prefix),
+                decoder_loss_weights=jnp.asarray((seg > 0) & (prefix == 0), jnp.float32))
+
+
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_decoder_on_the_packed_route_equals_the_masked_one(monkeypatch, prefix_lm):
     """Sorted rows, the segment table and the row un-sort, with the kernel emulated from the
     table: loss and gradients equal the dense-mask decoder's, unsharded and on an 8-device mesh
-    (groups = the 4 data-parallel shards)."""
-    batch = _decoder_batch()
+    (groups = the 4 data-parallel shards). Prefix-LM rows run the kernel twice (bidirectional
+    over the inputs' table, causal over the segments')."""
+    batch = _with_prefix(_decoder_batch()) if prefix_lm else _decoder_batch()
     seg = batch["decoder_segment_ids"]
     for groups in (1, 4):  # the packed branch is the one taken, sharded or not
         order = attention.sort_rows(seg, groups)
@@ -161,10 +176,11 @@ def test_decoder_on_the_packed_route_equals_the_masked_one(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "uses_packed_kernel", lambda *a: True)
     monkeypatch.setattr(attention, "_cudnn_packed",
-                        lambda *a: calls.append(1) or _emulated_kernel(*a))
+                        lambda *a: calls.append(a[6:] or (True,)) or _emulated_kernel(*a))
     packed = DecoderOnlyModel(config=dataclasses.replace(CFG, attention_impl="xla"))
     p_loss, p_grads = vg(packed)(params, batch)
     assert calls, "the packed branch was not traced"
+    assert {c[0] for c in calls} == ({True, False} if prefix_lm else {True})  # causal or not
     np.testing.assert_allclose(p_loss, loss, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p_grads,
                            grads)

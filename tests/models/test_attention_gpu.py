@@ -1,5 +1,6 @@
 """GPU-only: cuDNN's packed flash attention (models/attention.py) equals the masked XLA reference,
-forward and backward, in bf16 (skipped without a Hopper GPU).
+forward and backward, in bf16 (skipped without a Hopper GPU); so does prefix-LM attention through
+it (models/prefix_attention.py).
 
 Marked `gpu`: on the GPU machine all GPU tests run with
 `JAX_PLATFORMS=cuda python -m pytest -m gpu tests` (docs/benchmarks.md).
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zhchat.models import attention, layers
+from zhchat.models import attention, layers, prefix_attention
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not attention.cudnn_packed_available(),
@@ -27,6 +28,17 @@ def _packing(b, t, rng, mean_len):
             pos, sid = pos + n, sid + 1
         rows.append(row)
     return jnp.asarray(np.stack(rows))
+
+
+def _prefixes(seg, rng):
+    """A leading prefix of random length (0 included) in each segment of `seg`."""
+    seg = np.asarray(seg)
+    prefix = np.zeros_like(seg)
+    for r in range(seg.shape[0]):
+        for s in np.unique(seg[r][seg[r] > 0]):
+            idx = np.nonzero(seg[r] == s)[0]
+            prefix[r, idx[:int(rng.integers(0, len(idx)))]] = 1
+    return jnp.asarray(prefix)
 
 
 def _qkv(b, t, n, kv, h, seed=0):
@@ -68,6 +80,32 @@ def test_packed_cudnn_equals_masked_xla(mean_len, max_segments, heads):
         assert np.linalg.norm(a - r) <= 2e-2 * np.linalg.norm(r), np.abs(a - r).max()
 
 
+@pytest.mark.parametrize("mean_len,heads", [(300, (8, 2, 64)), (40, (8, 8, 128)), (None, (4, 1, 64))])
+def test_prefix_lm_through_cudnn_equals_masked_xla(mean_len, heads):
+    """Packed prefix-LM rows (both calls on the packed layout), and rows of one document each
+    (None: the length-bounded bidirectional call and plain causal attention)."""
+    b, t = 4, 1024
+    rng = np.random.default_rng(11)
+    if mean_len is None:
+        seg = jnp.asarray((np.arange(t)[None, :] < rng.integers(100, t, (b, 1))).astype(np.int32))
+    else:
+        seg = _packing(b, t, rng, mean_len)
+    prefix = _prefixes(seg, rng)
+    info = prefix_attention.prefix_info(seg, prefix, 16)
+    assert bool(info.leading) and bool(info.inputs.unpacked) == (mean_len is None)
+    q, k, v = _qkv(b, t, *heads, seed=5)
+    fast = lambda q, k, v: prefix_attention.prefix_lm_attention(
+        q, k, v, segment_ids=seg, prefix=prefix, implementation="cudnn")
+    mask = layers.make_attention_mask(seg, seg, causal=True, query_prefix=prefix, kv_prefix=prefix)
+    ref = lambda q, k, v: layers.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    (o1, g1), (o2, g2) = _loss_and_grads(fast, q, k, v, seg), _loss_and_grads(ref, q, k, v, seg)
+    np.testing.assert_allclose(o1, o2, atol=2e-2)
+    for a, r in zip(g1, g2):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.linalg.norm(a - r) <= 2e-2 * np.linalg.norm(r), np.abs(a - r).max()
+    assert "cudnn" in jax.jit(fast).lower(q, k, v).as_text().lower()
+
+
 def test_packed_kernel_alone_equals_masked_xla():
     """The packed kernel itself (not the dispatch), zero on padding."""
     b, t = 2, 512
@@ -85,9 +123,10 @@ def test_packed_kernel_alone_equals_masked_xla():
         q, k, v, info, seg, 0.125)).lower(q, k, v).as_text().lower()
 
 
-def test_decoder_with_sorted_packed_rows_matches_xla():
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_decoder_with_sorted_packed_rows_matches_xla(prefix_lm):
     """The decoder's whole packed route on the GPU (row sort, table, kernel, un-sort) against the
-    dense-mask XLA decoder, on rows with a long tail of short documents."""
+    dense-mask XLA decoder, on rows with a long tail of short documents; prefix-LM rows too."""
     import dataclasses
 
     import flax.linen as nn
@@ -114,6 +153,9 @@ def test_decoder_with_sorted_packed_rows_matches_xla():
              "decoder_target_tokens": jnp.asarray(rng.integers(2, 256, (b, t)), jnp.int32),
              "decoder_segment_ids": seg, "decoder_positions": jnp.asarray(pos),
              "decoder_loss_weights": jnp.asarray(seg > 0, jnp.float32)}
+    if prefix_lm:
+        batch["decoder_causal_attention"] = prefix = _prefixes(seg, rng)
+        batch["decoder_loss_weights"] = jnp.asarray((seg > 0) & (prefix == 0), jnp.float32)
     fast = DecoderOnlyModel(config=cfg)
     ref = DecoderOnlyModel(config=dataclasses.replace(cfg, attention_impl="xla"))
     params = nn.unbox(fast.init_params(jax.random.PRNGKey(0), {"decoder_input_tokens": (1, 8)}))
