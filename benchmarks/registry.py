@@ -221,6 +221,16 @@ for name, desc, flags in (("train_step", "dense masks (cuDNN with [batch, heads,
     train_step(f"t5_large.packed_sft.{name}", f"T5-large on packed instruction + prompt rows "
                f"(benchmarks/t5_packed_data.sh), batch 64: {desc}", T5L,
                "--data={t5pack}/t5_sft", *flags)
+# --- Prefix-LM decoder rows (issue 17): two flash calls against the dense prefix-LM mask -------
+for m in ("decoder_100m", D1B):
+    for name, desc, flags in (
+            ("train_step", "prefix-LM attention split into bidirectional inputs + causal calls "
+             "(models/prefix_attention.py)", ()),
+            ("dense_mask.train_step", "the dense [batch, 1, len, len] prefix-LM mask (before)",
+             ("--gin.DecoderConfig.split_prefix_attention=False",))):
+        train_step(f"{m}.prefix_lm_sft.{name}", f"{m} on packed prefix-LM instruction + prompt "
+                   f"rows of 2048 (benchmarks/t5_packed_data.sh): {desc}", m,
+                   "--data={t5pack}/prefix_lm_sft", *flags)
 _add(Benchmark("t5_large.attention.kernels", "kernel",
                "T5 self-attention alone (T5-large encoder 512 and decoder 114 causal, encoder "
                "2048), forward + backward: the bucket kernel (first and default tiles) vs cuDNN "
@@ -383,6 +393,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "t5_large.synthetic.pallas_attention.train_step",
                      "t5_large.packed_sft.train_step",
                      "t5_large.packed_sft.pallas_attention.train_step"),
+    "prefix_lm": _names("decoder_100m.prefix_lm_sft.") + _names("decoder_1b.prefix_lm_sft.")
+    + ("decoder_100m.synthetic.train_step", "decoder_1b.synthetic.train_step"),
     "decode": _names(kinds=("decode",)),
     "skip_nonfinite": ("decoder_1b.synthetic.train_step",
                        "decoder_1b.synthetic.no_skip_nonfinite.train_step"),

@@ -7,6 +7,9 @@
 # full chunk each). On a CPU machine with TensorFlow + seqio, in the project's venv, ~1 minute:
 #   1. $T5_PACKED_DATA/spm.model   8,000-piece SentencePiece of data/demo (speed only: ids fit T5)
 #   2. $T5_PACKED_DATA/t5_sft      1,024 rows (1.2 MiB)
+#   3. $T5_PACKED_DATA/prefix_lm_sft  the same mixture for the decoder: PrefixLM rows of 2,048
+#      (inputs 1,024 + targets 1,024; `decoder_causal_attention` marks each example's inputs), 320
+#      rows, what `decoder_*.prefix_lm_sft.*` time (prefix-LM attention, models/prefix_attention.py)
 # T5_PACKED_DATA defaults to out/t5pack (the runner's {t5pack}: --data_root/t5pack). Idempotent.
 # LICENCES: non-commercial research only (Alpaca-zh CC BY-NC 4.0, ShareGPT-zh, C3; FewCLUE states
 # none; see ../shared/data/README.md). The demo corpus's notes are beside it in data/demo.
@@ -21,4 +24,8 @@ mkdir -p "$data"
   --gin_file=gin_configs/tasks/sft_multitask.gin --gin.VOCAB_PATH="'$data/spm.model'" \
   --task=zh_sft_multitask --split=train --output_dir="$data/t5_sft" \
   --feature_lengths inputs=512,targets=114 --converter=encdec --max_examples=1024
-du -b -s "$data/t5_sft"
+[ -f "$data/prefix_lm_sft/metadata.json" ] || "$py" -m zhchat.tasks.cache \
+  --gin_file=gin_configs/tasks/sft_multitask.gin --gin.VOCAB_PATH="'$data/spm.model'" \
+  --task=zh_sft_multitask --split=train --output_dir="$data/prefix_lm_sft" \
+  --feature_lengths inputs=1024,targets=1024 --converter=prefix_lm --max_examples=320
+du -b -s "$data/t5_sft" "$data/prefix_lm_sft"

@@ -123,17 +123,33 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
 def _attention_paths(cfg, host_batches, groups: int) -> dict[str, float]:
     """Shares of the batches on each attention path (models/attention.py) on a GPU: one document
     a row (plain causal), documents fitting the segment table (packed kernel; rows sorted as the
-    decoder sorts them), the rest (dense mask)."""
-    from zhchat.models import attention
+    decoder sorts them), the rest (dense mask). Prefix-LM rows add the share split into two calls
+    (models/prefix_attention.py; the others keep the dense prefix-LM mask) and, of those, the
+    share whose inputs' table fits too."""
+    from zhchat.models import attention, prefix_attention
 
-    paths = []
+    paths, split, inputs_fit = [], [], []
     for b in host_batches:
         seg = jax.numpy.asarray(b["decoder_segment_ids"])
-        if cfg.sort_packed_rows:
-            seg = attention.permute_rows(seg, attention.sort_rows(seg, groups))
+        prefix = b.get("decoder_causal_attention")
+        order = attention.sort_rows(seg, groups) if cfg.sort_packed_rows else None
+        if order is not None:
+            seg = attention.permute_rows(seg, order)
         info = attention.segment_info(seg, cfg.max_segments_per_row, groups=groups)
         paths.append("causal" if info.unpacked else "packed" if info.fits else "masked")
-    return {f"{p}_batches": paths.count(p) / len(paths) for p in ("causal", "packed", "masked")}
+        if prefix is not None:
+            prefix = jax.numpy.asarray(prefix)
+            if order is not None:
+                prefix = attention.permute_rows(prefix, order)
+            p_info = prefix_attention.prefix_info(seg, prefix, cfg.max_segments_per_row,
+                                                  groups=groups)
+            split.append(bool(p_info.leading) and cfg.split_prefix_attention)
+            inputs_fit.append(bool(p_info.inputs.fits or p_info.inputs.unpacked))
+    out = {f"{p}_batches": paths.count(p) / len(paths) for p in ("causal", "packed", "masked")}
+    if split:
+        out["prefix_split_batches"] = sum(split) / len(split)
+        out["prefix_inputs_fit_batches"] = sum(f for f, s in zip(inputs_fit, split) if s) / len(split)
+    return out
 
 
 def _breakdown(model, state, batch, steps: int) -> dict[str, float]:

@@ -97,15 +97,17 @@ def cache_batches(cache_dir: str, workload: Workload, num_batches: int
 
     meta = cache_reader.cache_metadata(cache_dir)
     lengths = meta["task_feature_lengths"]
-    if meta.get("converter") != workload.kind:
+    kinds = {"decoder": ("decoder", "prefix_lm"), "encdec": ("encdec",)}[workload.kind]
+    if meta.get("converter") not in kinds:
         raise ValueError(f"{cache_dir} holds {meta.get('converter')!r} rows; workload "
-                         f"{workload.name} needs {workload.kind!r} rows")
+                         f"{workload.name} needs {' or '.join(map(repr, kinds))} rows")
     need = num_batches * workload.batch_size
     if meta["num_examples"] < need:
         raise ValueError(f"{cache_dir} holds {meta['num_examples']} rows, fewer than "
                          f"{num_batches} batches of {workload.batch_size}")
-    if workload.kind == "decoder":
-        workload = dataclasses.replace(workload, seq_len=lengths["targets"])
+    if workload.kind == "decoder":  # prefix-LM rows hold inputs + targets
+        workload = dataclasses.replace(
+            workload, seq_len=meta["features"]["decoder_target_tokens"]["length"])
     else:
         workload = dataclasses.replace(workload, seq_len=lengths["targets"],
                                        inputs_len=lengths["inputs"])
@@ -120,6 +122,9 @@ def cache_batches(cache_dir: str, workload: Workload, num_batches: int
     stats = {"rows": int(segs.shape[0]), "documents_per_row": float(docs.mean()),
              "max_documents_per_row": int(docs.max()),
              "non_padding_fraction": float((segs != 0).mean())}
+    if "decoder_causal_attention" in batches[0]:  # prefix-LM rows: the bidirectional share
+        prefix = np.concatenate([b["decoder_causal_attention"] for b in batches])
+        stats["prefix_fraction"] = float((prefix != 0).mean())
     return workload, batches, stats
 
 

@@ -81,3 +81,38 @@ def test_sft_lowers_alpaca_reply_loss_below_unigram(alpaca_cache, tmp_path, monk
     print(f"unigram model of the replies: {unigram:.3f}")
     assert abs(before - np.log(padded)) < 0.3
     assert np.isfinite(after) and after < unigram - 0.2 and after < before - 1.5
+
+
+def test_real_prefix_lm_rows_take_the_split_attention(alpaca_cache):
+    """seqio's PrefixLM rows from the real cache put each example's inputs first, so the decoder's
+    prefix-LM attention splits into two flash calls (models/prefix_attention.py), and the split
+    equals the dense prefix-LM mask on them (XLA branches); the throughput benchmark reads the same
+    rows with their prefix and says so."""
+    from zhchat.benchmarks import train_throughput, workloads
+    from zhchat.models import layers, prefix_attention
+    from zhchat.tasks import cache_reader
+
+    cache_dir, vocab_size, _ = alpaca_cache
+    it = cache_reader.make_cache_iterator(cache_dir=cache_dir, batch_size=8, shuffle=False,
+                                          num_epochs=1, shard_index=0, shard_count=1,
+                                          num_threads=1, prefetch_buffer_size=2)
+    batch = {k: jax.numpy.asarray(v) for k, v in next(it).items()}
+    seg, prefix = batch["decoder_segment_ids"], batch["decoder_causal_attention"]
+    assert int(prefix.sum()) > 0 and int(jax.numpy.max(seg)) >= 2  # packed, with inputs
+    info = prefix_attention.prefix_info(seg, prefix, 16)
+    assert bool(info.leading)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kk, (8, INPUTS + TARGETS, 2, 16)) for kk in keys)
+    mask = layers.make_attention_mask(seg, seg, causal=True, query_prefix=prefix, kv_prefix=prefix)
+    ref = layers.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    out = prefix_attention._split(q, k, v, seg, info, "xla")
+    valid = np.asarray(seg != 0)[:, :, None, None]
+    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref, 0), atol=2e-5)
+
+    w = workloads.get_workload("decoder_tiny", batch_size=8)
+    result = train_throughput.run(w, steps=1, warmup=1, mesh_shape=(-1, 1, 1),
+                                  bindings=(f"VOCAB_SIZE = {-(-vocab_size // 128) * 128}",),
+                                  data=cache_dir, data_batches=2)
+    stats = result["data_stats"]
+    assert result["seq_len"] == INPUTS + TARGETS and 0 < stats["prefix_fraction"] < 1
+    assert stats["prefix_split_batches"] == 1.0 and np.isfinite(result["loss_last"])
