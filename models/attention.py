@@ -169,6 +169,11 @@ def _cudnn_packed(q: Array, k: Array, v: Array, info: SegmentInfo, segment_ids: 
     return jnp.where(valid, out, jnp.zeros((), out.dtype))
 
 
+def table_fits(info: SegmentInfo) -> Array:
+    """True (scalar) when `packed_attention` needs no dense mask for these rows."""
+    return info.unpacked | info.fits
+
+
 def packed_causal_attention(q: Array, k: Array, v: Array, *, segment_ids: Array,
                             info: SegmentInfo | None = None, implementation: str = "auto",
                             max_segments: int = 16) -> Array:
@@ -179,9 +184,13 @@ def packed_causal_attention(q: Array, k: Array, v: Array, *, segment_ids: Array,
 
 def packed_attention(q: Array, k: Array, v: Array, *, segment_ids: Array,
                      info: SegmentInfo | None = None, causal: bool = True,
-                     implementation: str = "auto", max_segments: int = 16) -> Array:
+                     implementation: str = "auto", max_segments: int = 16,
+                     fallback: bool = True) -> Array:
     """Attention of q [b, t, n, h] over k/v [b, t, kv, h] within each row's segments, causal or
-    bidirectional. Outputs on padding (id 0) positions are unspecified (they carry no loss)."""
+    bidirectional. Outputs on padding (id 0) positions are unspecified (they carry no loss).
+    `fallback=False`: the caller has checked that the documents fit the table (`table_fits`), so
+    the packed kernel's step holds no dense-mask branch (whose backward residuals a `lax.switch`
+    keeps alongside the taken branch's)."""
     impl = layers.resolve_attention_impl(implementation, q.dtype, q.shape[-1])
     if impl == "splash" and splash.supported(q.shape[1], q.shape[-1]):
         return splash.splash_attention(q, k, v, segment_ids=segment_ids, causal=causal)
@@ -203,6 +212,8 @@ def packed_attention(q: Array, k: Array, v: Array, *, segment_ids: Array,
         packed = lambda: _cudnn_packed(q, k, v, info, segment_ids, scale, causal)
         branch = jnp.where(info.unpacked, 0, jnp.where(info.fits, 1, 2))
         try:
+            if not fallback:
+                return jax.lax.cond(info.unpacked, plain, packed)
             return jax.lax.switch(branch, (plain, packed, masked))
         except (NotImplementedError, ValueError) as e:  # shapes cuDNN's packed layout rejects
             layers.warn_once(f"cuDNN packed attention rejected {q.shape} q / {k.shape} kv "

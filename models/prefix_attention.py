@@ -13,8 +13,8 @@ segment (as seqio writes them) it splits into two masks they do take:
 So the output is the bidirectional call's on prefix tokens and the causal call's elsewhere, each
 run by models/attention.py's `packed_attention` (cuDNN's packed layout on Hopper, splash on TPU).
 Both calls cost at most 1.5x one causal call, against a dense [batch, 1, len, len] mask. Rows whose
-prefix tokens do not lead their segment, and XLA (CPU; GPUs without cuDNN's packed layout), use
-the dense mask; the choice is a
+prefix tokens do not lead their segment, batches whose documents overflow either segment table, and
+XLA (CPU; GPUs without cuDNN's packed layout) use the dense mask, one fallback for both calls; the choice is a
 `lax.cond` on the batch, so one compiled step serves every batch.
 """
 
@@ -64,9 +64,11 @@ def prefix_info(segment_ids: Array, prefix: Array, max_segments: int, *,
 def _split(q: Array, k: Array, v: Array, segment_ids: Array, info: PrefixInfo,
            implementation: str) -> Array:
     causal = attention.packed_attention(q, k, v, segment_ids=segment_ids, info=info.segments,
-                                        causal=True, implementation=implementation)
+                                        causal=True, implementation=implementation,
+                                        fallback=False)
     inputs = attention.packed_attention(q, k, v, segment_ids=info.input_ids, info=info.inputs,
-                                        causal=False, implementation=implementation)
+                                        causal=False, implementation=implementation,
+                                        fallback=False)
     return jnp.where((info.input_ids != 0)[:, :, None, None], inputs, causal)
 
 
@@ -85,5 +87,8 @@ def prefix_lm_attention(q: Array, k: Array, v: Array, *, segment_ids: Array, pre
         return dense()  # without a packed kernel two calls cost twice the one masked call
     if info is None:
         info = prefix_info(segment_ids, prefix, max_segments)
+    ok = info.leading
+    if impl != "splash":  # one dense fallback for the whole split, not one per call
+        ok = ok & attention.table_fits(info.segments) & attention.table_fits(info.inputs)
     split = lambda: _split(q, k, v, segment_ids, info, implementation)
-    return jax.lax.cond(info.leading, split, dense)
+    return jax.lax.cond(ok, split, dense)

@@ -80,10 +80,12 @@ def test_packed_cudnn_equals_masked_xla(mean_len, max_segments, heads):
         assert np.linalg.norm(a - r) <= 2e-2 * np.linalg.norm(r), np.abs(a - r).max()
 
 
-@pytest.mark.parametrize("mean_len,heads", [(300, (8, 2, 64)), (40, (8, 8, 128)), (None, (4, 1, 64))])
-def test_prefix_lm_through_cudnn_equals_masked_xla(mean_len, heads):
-    """Packed prefix-LM rows (both calls on the packed layout), and rows of one document each
-    (None: the length-bounded bidirectional call and plain causal attention)."""
+@pytest.mark.parametrize("mean_len,max_segments,heads", [
+    (300, 16, (8, 2, 64)), (40, 32, (8, 8, 128)), (None, 16, (4, 1, 64)), (20, 8, (4, 2, 64))])
+def test_prefix_lm_through_cudnn_equals_masked_xla(mean_len, max_segments, heads):
+    """Packed prefix-LM rows (both calls on the packed layout), rows of one document each (None:
+    the length-bounded bidirectional call and plain causal attention), and (mean 20, 8 slots)
+    more documents than table slots: the dense prefix-LM mask."""
     b, t = 4, 1024
     rng = np.random.default_rng(11)
     if mean_len is None:
@@ -91,11 +93,14 @@ def test_prefix_lm_through_cudnn_equals_masked_xla(mean_len, heads):
     else:
         seg = _packing(b, t, rng, mean_len)
     prefix = _prefixes(seg, rng)
-    info = prefix_attention.prefix_info(seg, prefix, 16)
+    info = prefix_attention.prefix_info(seg, prefix, max_segments)
     assert bool(info.leading) and bool(info.inputs.unpacked) == (mean_len is None)
+    fits = attention.table_fits(info.segments) & attention.table_fits(info.inputs)
+    assert bool(fits) == (mean_len != 20)
     q, k, v = _qkv(b, t, *heads, seed=5)
     fast = lambda q, k, v: prefix_attention.prefix_lm_attention(
-        q, k, v, segment_ids=seg, prefix=prefix, implementation="cudnn")
+        q, k, v, segment_ids=seg, prefix=prefix, implementation="cudnn",
+        max_segments=max_segments)
     mask = layers.make_attention_mask(seg, seg, causal=True, query_prefix=prefix, kv_prefix=prefix)
     ref = lambda q, k, v: layers.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     (o1, g1), (o2, g2) = _loss_and_grads(fast, q, k, v, seg), _loss_and_grads(ref, q, k, v, seg)
