@@ -154,19 +154,29 @@ def uses_packed_kernel(implementation: str, dtype, head_dim: int) -> bool:
             and cudnn_packed_available())
 
 
-def _cudnn_packed(q: Array, k: Array, v: Array, info: SegmentInfo, segment_ids: Array,
-                  scale: float, causal: bool = True) -> Array:
+def cudnn_packed_kernel(q: Array, k: Array, v: Array, q_info: SegmentInfo,
+                        kv_info: SegmentInfo, q_segment_ids: Array, kv_segment_ids: Array,
+                        scale: float, causal: bool) -> Array:
+    """cuDNN's packed layout: query document j of the table attends to key document j."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
     dtype = q.dtype
-    valid = (segment_ids != 0)[:, :, None, None]
+    q_valid = (q_segment_ids != 0)[:, :, None, None]
+    kv_valid = (kv_segment_ids != 0)[:, :, None, None]
     # padding tokens lie outside every document: the kernel leaves their outputs and gradients
     # unwritten, so both are zeroed here (the inputs' where masks the gradients)
-    q, k, v = (jnp.where(valid, x.astype(dtype), jnp.zeros((), dtype)) for x in (q, k, v))
+    zero = jnp.zeros((), dtype)
+    q = jnp.where(q_valid, q.astype(dtype), zero)
+    k, v = (jnp.where(kv_valid, x.astype(dtype), zero) for x in (k, v))
     mask_type = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
     out = fa.dot_product_attention(
-        q, k, v, None, None, info.lengths, info.lengths, info.offsets, info.offsets, scale=scale,
-        mask_type=mask_type, qkv_layout="BTNH")
-    return jnp.where(valid, out, jnp.zeros((), out.dtype))
+        q, k, v, None, None, q_info.lengths, kv_info.lengths, q_info.offsets, kv_info.offsets,
+        scale=scale, mask_type=mask_type, qkv_layout="BTNH")
+    return jnp.where(q_valid, out, jnp.zeros((), out.dtype))
+
+
+def _cudnn_packed(q: Array, k: Array, v: Array, info: SegmentInfo, segment_ids: Array,
+                  scale: float, causal: bool = True) -> Array:
+    return cudnn_packed_kernel(q, k, v, info, info, segment_ids, segment_ids, scale, causal)
 
 
 def table_fits(info: SegmentInfo) -> Array:

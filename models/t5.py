@@ -20,7 +20,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from zhchat.models import bucket_attention, layers, t5_layers
+from zhchat.models import attention, bucket_attention, cross_attention, layers, t5_layers
 from zhchat.models.remat import REMAT_POLICIES, checkpoint_policy
 
 Array = jax.Array
@@ -45,6 +45,7 @@ class T5Config:
     dtype: Any = "bfloat16"
     param_dtype: Any = "float32"
     attention_impl: str = "auto"     # layers.ATTENTION_IMPLEMENTATIONS; "pallas": bucket kernel
+    max_segments_per_row: int = 16   # cuDNN's packed cross-attention table (models/attention.py)
     scan_layers: bool = False        # nn.scan over each stack: one compiled layer, fast compiles
     remat_policy: str = "none"       # as DecoderConfig.remat_policy (training; decoding never remats)
     # Shared embedding std: 1.0 as T5/T5X/HF. Measured best with both optimizers (T5-small, 1,200
@@ -55,9 +56,13 @@ class T5Config:
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
-                      "num_decoder_layers", "relpos_buckets", "relpos_max_distance"):
+                      "num_decoder_layers", "relpos_buckets", "relpos_max_distance",
+                      "max_segments_per_row"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"T5Config.{field}={getattr(self, field)!r} must be positive")
+        if self.max_segments_per_row < 2:
+            raise ValueError(f"T5Config.max_segments_per_row={self.max_segments_per_row!r} must "
+                             "be >= 2")
         if not self.embedding_init_std > 0:
             raise ValueError(f"T5Config.embedding_init_std={self.embedding_init_std!r} must be > 0")
         if self.logits_init_std is not None and not self.logits_init_std >= 0:
@@ -270,6 +275,13 @@ class T5(nn.Module):
             self_bias = (self.decoder_relpos.bucketed(segments) if self._bucket_kernel()
                          else self.decoder_relpos(positions, positions))
             cross_mask = layers.make_attention_mask(segments, encoder_segment_ids)
+            cfg = self.config
+            if decoder_segment_ids is not None and attention.uses_packed_kernel(
+                    cfg.attention_impl, cfg.compute_dtype, cfg.head_dim):
+                info = cross_attention.cross_info(
+                    segments, encoder_segment_ids, cfg.max_segments_per_row,
+                    groups=attention.batch_groups(segments.shape[0]))
+                cross_mask = t5_layers.PackedCross(segments, encoder_segment_ids, info)
             if unpacked:
                 self_lengths = t5_layers.padding_lengths(segments, segments)
                 cross_lengths = t5_layers.padding_lengths(segments, encoder_segment_ids)

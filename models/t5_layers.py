@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from zhchat.models import bucket_attention, layers
+from zhchat.models import bucket_attention, cross_attention, layers
 from zhchat.models.bucket_attention import relative_position_bucket  # noqa: F401 (T5's bucketing)
 
 Array = jax.Array
@@ -70,6 +70,15 @@ class BucketBias:
     relpos: bucket_attention.Relpos = struct.field(pytree_node=False)
 
 
+class PackedCross(NamedTuple):
+    """Cross-attention's segment ids with their cuDNN tables: what T5Attention takes in place of
+    the dense cross mask on a packed batch (models/cross_attention.py)."""
+
+    query_segment_ids: Array       # [batch, dec_len] decoder segments
+    kv_segment_ids: Array          # [batch, enc_len] encoder segments
+    info: cross_attention.CrossInfo
+
+
 class PaddingLengths(NamedTuple):
     """Per-row valid lengths for attention over unpacked rows (see T5Attention)."""
 
@@ -109,7 +118,8 @@ class T5Attention(nn.Module):
         instead, so cuDNN runs its fused padding / causal masks and takes only the [1, heads, q, k]
         bias (a dense mask is folded into a [batch, heads, q, k] bias and bias gradient). A
         `BucketBias` (self-attention in training) goes to the bucket kernel with its segment ids,
-        packed or not; `mask` and `lengths` are then unused."""
+        packed or not; `mask` and `lengths` are then unused. A `PackedCross` mask (packed rows'
+        cross-attention) goes to cuDNN's packed layout with its segment tables."""
         proj = dict(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
                     dtype=self.dtype, param_dtype=self.param_dtype)
         query = layers.DenseGeneral(name="query", kernel_init=_scaled_init(self.head_dim ** -0.5),
@@ -132,6 +142,11 @@ class T5Attention(nn.Module):
             out = bucket_attention.bucket_attention(
                 query, key, value, bias.table, segment_ids=bias.segment_ids, relpos=bias.relpos,
                 causal=causal, scale=1.0)
+        elif isinstance(mask, PackedCross):
+            out = cross_attention.packed_cross_attention(
+                query, key, value, query_segment_ids=mask.query_segment_ids,
+                kv_segment_ids=mask.kv_segment_ids, info=mask.info,
+                implementation=self.attention_impl, scale=1.0)
         elif lengths is None or decode:
             out = attend(mask=mask)
         else:
