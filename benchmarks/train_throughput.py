@@ -61,9 +61,12 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
     else:
         host_batches = [workloads.synthetic_batch(workload, model.config.vocab_size, packed=packed)]
     host_batch = host_batches[0]
-    if data_stats is not None and hasattr(model.config, "max_segments_per_row"):
+    if data_stats is not None and hasattr(model.config, "sort_packed_rows"):  # the decoder
         data_stats.update(_attention_paths(model.config, host_batches,
                                            partitioner.data_parallel_size))
+    elif data_stats is not None:  # T5: packed cross-attention (models/cross_attention.py)
+        data_stats.update(_cross_paths(model.config, host_batches,
+                                       partitioner.data_parallel_size))
     top = max(int(b["decoder_input_tokens"].max()) for b in host_batches)
     if top >= model.config.vocab_size:
         raise ValueError(f"{data} holds token id {top}, outside the model's vocab_size "
@@ -150,6 +153,20 @@ def _attention_paths(cfg, host_batches, groups: int) -> dict[str, float]:
         out["prefix_split_batches"] = sum(split) / len(split)
         out["prefix_inputs_fit_batches"] = sum(f for f, s in zip(inputs_fit, split) if s) / len(split)
     return out
+
+
+def _cross_paths(cfg, host_batches, groups: int) -> dict[str, float]:
+    """Share of the batches whose cross-attention can take cuDNN's packed layout on a GPU (the
+    decoder's and encoder's segments pair and fit the tables); the rest take the dense mask."""
+    from zhchat.models import cross_attention
+
+    packed = []
+    for b in host_batches:
+        info = cross_attention.cross_info(jax.numpy.asarray(b["decoder_segment_ids"]),
+                                          jax.numpy.asarray(b["encoder_segment_ids"]),
+                                          cfg.max_segments_per_row, groups=groups)
+        packed.append(bool(info.paired & info.queries.fits & info.keys.fits))
+    return {"cross_packed_batches": sum(packed) / len(packed)}
 
 
 def _breakdown(model, state, batch, steps: int) -> dict[str, float]:
