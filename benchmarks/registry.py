@@ -231,6 +231,13 @@ for m in ("decoder_100m", D1B):
         train_step(f"{m}.prefix_lm_sft.{name}", f"{m} on packed prefix-LM instruction + prompt "
                    f"rows of 2048 (benchmarks/t5_packed_data.sh): {desc}", m,
                    "--data={t5pack}/prefix_lm_sft", *flags)
+for name, desc, flags in (("packed_cross.train_step", "16 table slots a row", ()),
+                          ("packed_cross.segments_4.train_step", "4 table slots a row",
+                           ("--gin.T5Config.max_segments_per_row=4",))):
+    train_step(f"t5_large.packed_sft.{name}", "T5-large on packed instruction + prompt rows, "
+               f"batch 64: cross-attention through cuDNN's packed layout, {desc} "
+               "(models/cross_attention.py)", T5L, "--data={t5pack}/t5_sft",
+               "--gin.T5Config.packed_cross_attention=True", *flags)
 _add(Benchmark("t5_large.attention.kernels", "kernel",
                "T5 self-attention alone (T5-large encoder 512 and decoder 114 causal, encoder "
                "2048), forward + backward: the bucket kernel (first and default tiles) vs cuDNN "

@@ -78,17 +78,19 @@ def prefix_lm_attention(q: Array, k: Array, v: Array, *, segment_ids: Array, pre
     """Prefix-LM attention of q [b, t, n, h] over k/v [b, t, kv, h] within each row's segments:
     what `layers.make_attention_mask(seg, seg, causal=True, query_prefix=prefix,
     kv_prefix=prefix)` gives. Outputs on padding positions are unspecified."""
-    dense = lambda: layers.dot_product_attention(
-        q, k, v, mask=layers.make_attention_mask(segment_ids, segment_ids, causal=True,
-                                                 query_prefix=prefix, kv_prefix=prefix),
-        implementation=implementation)
+    def masked(q, k, v, segment_ids, prefix):
+        mask = layers.make_attention_mask(segment_ids, segment_ids, causal=True,
+                                          query_prefix=prefix, kv_prefix=prefix)
+        return layers.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     impl = layers.resolve_attention_impl(implementation, q.dtype, q.shape[-1])
     if impl != "splash" and not attention.uses_packed_kernel(implementation, q.dtype, q.shape[-1]):
-        return dense()  # without a packed kernel two calls cost twice the one masked call
+        return masked(q, k, v, segment_ids, prefix)  # two XLA calls would cost twice this one
     if info is None:
         info = prefix_info(segment_ids, prefix, max_segments)
     ok = info.leading
     if impl != "splash":  # one dense fallback for the whole split, not one per call
         ok = ok & attention.table_fits(info.segments) & attention.table_fits(info.inputs)
     split = lambda: _split(q, k, v, segment_ids, info, implementation)
+    # the rare fallback is rematerialised: a cond's backward keeps every branch's residuals
+    dense = lambda: jax.checkpoint(masked)(q, k, v, segment_ids, prefix)
     return jax.lax.cond(ok, split, dense)

@@ -45,7 +45,11 @@ class T5Config:
     dtype: Any = "bfloat16"
     param_dtype: Any = "float32"
     attention_impl: str = "auto"     # layers.ATTENTION_IMPLEMENTATIONS; "pallas": bucket kernel
-    max_segments_per_row: int = 16   # cuDNN's packed cross-attention table (models/attention.py)
+    # Packed rows' cross-attention through cuDNN's packed layout (models/cross_attention.py), with
+    # this many table slots a row. Off by default: measured slower than cuDNN with the dense
+    # [batch, 1, dec, enc] mask on T5-large's packed SFT rows (BENCHMARKS.md).
+    packed_cross_attention: bool = False
+    max_segments_per_row: int = 16
     scan_layers: bool = False        # nn.scan over each stack: one compiled layer, fast compiles
     remat_policy: str = "none"       # as DecoderConfig.remat_policy (training; decoding never remats)
     # Shared embedding std: 1.0 as T5/T5X/HF. Measured best with both optimizers (T5-small, 1,200
@@ -276,8 +280,9 @@ class T5(nn.Module):
                          else self.decoder_relpos(positions, positions))
             cross_mask = layers.make_attention_mask(segments, encoder_segment_ids)
             cfg = self.config
-            if decoder_segment_ids is not None and attention.uses_packed_kernel(
-                    cfg.attention_impl, cfg.compute_dtype, cfg.head_dim):
+            packed_cross = cfg.packed_cross_attention and attention.uses_packed_kernel(
+                cfg.attention_impl, cfg.compute_dtype, cfg.head_dim)
+            if decoder_segment_ids is not None and packed_cross:
                 info = cross_attention.cross_info(
                     segments, encoder_segment_ids, cfg.max_segments_per_row,
                     groups=attention.batch_groups(segments.shape[0]))

@@ -214,8 +214,8 @@ def test_packed_cross_attention_through_cudnn_equals_masked_xla():
 
 
 def test_t5_on_packed_rows_matches_xla():
-    """The tiny T5 in bf16 on packed rows: "auto" (cuDNN, packed cross-attention) against XLA's
-    dense masks, loss and gradients."""
+    """The tiny T5 in bf16 on packed rows: "auto" with packed_cross_attention (cuDNN's packed
+    layout) against XLA's dense masks, loss and gradients."""
     import dataclasses
 
     import flax.linen as nn
@@ -224,7 +224,8 @@ def test_t5_on_packed_rows_matches_xla():
     from zhchat.models.encdec_model import EncoderDecoderModel
 
     cfg = t5.T5Config(vocab_size=256, d_model=128, num_heads=4, head_dim=32, d_ff=256,
-                      num_encoder_layers=2, num_decoder_layers=2, dtype="bfloat16")
+                      num_encoder_layers=2, num_decoder_layers=2, dtype="bfloat16",
+                      packed_cross_attention=True)
     rng = np.random.default_rng(3)
     b, enc_len, dec_len = 8, 256, 64
     enc, dec = _pairs(b, enc_len, dec_len, rng)

@@ -95,7 +95,8 @@ def test_packed_cross_attention_equals_dense_mask(emulated, paired):
 
 
 TINY = dict(vocab_size=128, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=1,
-            num_decoder_layers=2, dtype="float32", max_segments_per_row=4)
+            num_decoder_layers=2, dtype="float32", max_segments_per_row=4,
+            packed_cross_attention=True)
 
 
 def test_t5_packed_cross_attention_equals_dense_sharded_and_not(monkeypatch):
@@ -119,6 +120,11 @@ def test_t5_packed_cross_attention_equals_dense_sharded_and_not(monkeypatch):
                         lambda *a: calls.append(a[4].lengths.shape) or emulated_kernel(*a))
     got_grads, got = step()(params, batch)
     assert calls and calls[0] == (b, 4)  # cross-attention on the packed route, 4 slots a row
+    off = EncoderDecoderModel(config=t5.T5Config(**dict(TINY, packed_cross_attention=False),
+                                                 attention_impl="xla"))
+    n = len(calls)
+    jax.jit(lambda p, x: off.loss_fn(p, x, None)[0])(params, batch)
+    assert len(calls) == n  # the default keeps the dense cross mask
     sharded = partitioning.Partitioner(mesh_shape=(2, 2, 2))
     with sharded.activate():
         assert attention.batch_groups(b) == 4
