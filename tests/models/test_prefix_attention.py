@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from test_splash import CFG, assert_splash_decoder_equals_xla
 from zhchat.models import attention, layers, prefix_attention
-from zhchat.models.decoder import DecoderConfig
 from zhchat.models.decoder_model import DecoderOnlyModel
 
 
@@ -98,46 +97,17 @@ def test_prefix_lm_attention_on_splash_equals_dense_mask(leading):
     assert "pallas_call" in str(jax.make_jaxpr(fast)(q, k, v))
 
 
-CFG = DecoderConfig(vocab_size=64, emb_dim=64, num_layers=1, num_heads=4, num_kv_heads=2,
-                    head_dim=128, mlp_dim=64, dtype="float32")
-RULES = (("batch", ("data", "fsdp")), ("activation_batch", ("data", "fsdp")), ("embed", "fsdp"),
-         ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
-         ("activation_mlp", "tensor"), ("activation_heads", "tensor"),
-         ("activation_vocab", "tensor"))
-
-
 def test_decoder_prefix_lm_rows_on_splash_equal_xla_sharded_and_not():
     b, t = 8, 128
     rng = np.random.default_rng(6)
     seg, prefix, pos = prefix_rows(b, t, rng, 40)
     tokens = rng.integers(2, 64, (b, t))
-    batch = {"decoder_input_tokens": jnp.asarray(tokens, jnp.int32),
-             "decoder_target_tokens": jnp.asarray(np.roll(tokens, -1, 1), jnp.int32),
-             "decoder_segment_ids": jnp.asarray(seg), "decoder_positions": jnp.asarray(pos),
-             "decoder_causal_attention": jnp.asarray(prefix),
-             "decoder_loss_weights": jnp.asarray((seg > 0) & (prefix == 0), jnp.float32)}
-    ref = DecoderOnlyModel(config=dataclasses.replace(CFG, attention_impl="xla"))
-    fast = DecoderOnlyModel(config=dataclasses.replace(CFG, attention_impl="splash"))
-    boxed = ref.init_params(jax.random.PRNGKey(0), {"decoder_input_tokens": (1, 8)})
-    params = nn.unbox(boxed)
-    vg = lambda m: jax.value_and_grad(lambda p, bt: m.loss_fn(p, bt, None)[0])
-    loss, grads = jax.jit(vg(ref))(params, batch)
-    f_loss, f_grads = jax.jit(vg(fast))(params, batch)
-    np.testing.assert_allclose(f_loss, loss, rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, r: np.testing.assert_allclose(a, r, atol=1e-5), f_grads, grads)
-    assert "pallas_call" in str(jax.make_jaxpr(vg(fast))(params, batch))
-
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-        psh = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, RULES)
-        bsh = NamedSharding(mesh, P(("data", "fsdp")))
-        step = jax.jit(vg(fast), in_shardings=(psh, bsh),
-                       out_shardings=(NamedSharding(mesh, P()), psh))
-        jaxpr = str(jax.make_jaxpr(vg(fast))(params, batch))
-        s_loss, s_grads = step(jax.device_put(params, psh), jax.device_put(batch, bsh))
-    assert "shard_map" in jaxpr
-    np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, r: np.testing.assert_allclose(a, r, atol=1e-5), s_grads, grads)
+    assert_splash_decoder_equals_xla({
+        "decoder_input_tokens": jnp.asarray(tokens, jnp.int32),
+        "decoder_target_tokens": jnp.asarray(np.roll(tokens, -1, 1), jnp.int32),
+        "decoder_segment_ids": jnp.asarray(seg), "decoder_positions": jnp.asarray(pos),
+        "decoder_causal_attention": jnp.asarray(prefix),
+        "decoder_loss_weights": jnp.asarray((seg > 0) & (prefix == 0), jnp.float32)})
 
 
 def test_decoder_prefix_rows_without_segment_ids_equal_xla():

@@ -59,18 +59,11 @@ RULES = (("batch", ("data", "fsdp")), ("activation_batch", ("data", "fsdp")), ("
          ("activation_vocab", "tensor"))
 
 
-def test_decoder_on_splash_equals_xla_sharded_and_not():
-    b, t = 8, 128
-    rng = np.random.default_rng(0)
-    seg = np.asarray(_seg(b, t))
-    pos = np.where(seg == 1, np.arange(t), 0)
-    pos[0] = np.concatenate([np.arange(40), np.arange(50), np.arange(30), np.zeros(8, int)])
-    batch = {"decoder_input_tokens": jnp.asarray(rng.integers(2, 64, (b, t)), jnp.int32),
-             "decoder_target_tokens": jnp.asarray(rng.integers(2, 64, (b, t)), jnp.int32),
-             "decoder_segment_ids": jnp.asarray(seg), "decoder_positions": jnp.asarray(pos),
-             "decoder_loss_weights": jnp.asarray(seg > 0, jnp.float32)}
-    ref = DecoderOnlyModel(config=dataclasses.replace(CFG, attention_impl="xla"))
-    fast = DecoderOnlyModel(config=dataclasses.replace(CFG, attention_impl="splash"))
+def assert_splash_decoder_equals_xla(batch, cfg=CFG):
+    """The decoder on splash equals the XLA decoder on `batch` (loss and every gradient),
+    unsharded (the kernel called directly) and on a 2x2x2 mesh of 8 CPU devices (in shard_map)."""
+    ref = DecoderOnlyModel(config=dataclasses.replace(cfg, attention_impl="xla"))
+    fast = DecoderOnlyModel(config=dataclasses.replace(cfg, attention_impl="splash"))
     boxed = ref.init_params(jax.random.PRNGKey(0), {"decoder_input_tokens": (1, 8)})
     params = nn.unbox(boxed)
     vg = lambda m: jax.value_and_grad(lambda p, bt: m.loss_fn(p, bt, None)[0])
@@ -91,4 +84,17 @@ def test_decoder_on_splash_equals_xla_sharded_and_not():
     assert "shard_map" in jaxpr  # the kernel runs per shard
     np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, r: np.testing.assert_allclose(a, r, atol=1e-5), s_grads, grads)
+
+
+def test_decoder_on_splash_equals_xla_sharded_and_not():
+    b, t = 8, 128
+    rng = np.random.default_rng(0)
+    seg = np.asarray(_seg(b, t))
+    pos = np.where(seg == 1, np.arange(t), 0)
+    pos[0] = np.concatenate([np.arange(40), np.arange(50), np.arange(30), np.zeros(8, int)])
+    batch = {"decoder_input_tokens": jnp.asarray(rng.integers(2, 64, (b, t)), jnp.int32),
+             "decoder_target_tokens": jnp.asarray(rng.integers(2, 64, (b, t)), jnp.int32),
+             "decoder_segment_ids": jnp.asarray(seg), "decoder_positions": jnp.asarray(pos),
+             "decoder_loss_weights": jnp.asarray(seg > 0, jnp.float32)}
+    assert_splash_decoder_equals_xla(batch)
     assert attention.batch_groups(b) == 1  # outside the mesh
