@@ -126,40 +126,46 @@ def run(workload: workloads.Workload, *, steps: int, warmup: int, mesh_shape: tu
 def _attention_paths(cfg, host_batches, groups: int) -> dict[str, float]:
     """Shares of the batches on each attention path (models/attention.py) on a GPU: one document
     a row (plain causal), documents fitting the segment table (packed kernel; rows sorted as the
-    decoder sorts them), the rest (dense mask). Prefix-LM rows add the share split into two calls
-    (models/prefix_attention.py; the others keep the dense prefix-LM mask) and, of those, the
-    share whose inputs' table fits too."""
+    decoder sorts them), the rest (dense mask). Prefix-LM rows count as their causal call's path
+    when they split into two calls (models/prefix_attention.py: inputs leading each segment, both
+    tables fitting; `prefix_split_batches` is that share), else as the dense mask."""
     from zhchat.models import attention, prefix_attention
 
-    paths, split, inputs_fit = [], [], []
+    paths, split = [], []
     for b in host_batches:
         seg = jax.numpy.asarray(b["decoder_segment_ids"])
         prefix = b.get("decoder_causal_attention")
-        order = attention.sort_rows(seg, groups) if cfg.sort_packed_rows else None
+        splits = prefix is None or cfg.split_prefix_attention
+        order = attention.sort_rows(seg, groups) if cfg.sort_packed_rows and splits else None
         if order is not None:
             seg = attention.permute_rows(seg, order)
         info = attention.segment_info(seg, cfg.max_segments_per_row, groups=groups)
-        paths.append("causal" if info.unpacked else "packed" if info.fits else "masked")
+        path = "causal" if info.unpacked else "packed" if info.fits else "masked"
         if prefix is not None:
             prefix = jax.numpy.asarray(prefix)
             if order is not None:
                 prefix = attention.permute_rows(prefix, order)
             p_info = prefix_attention.prefix_info(seg, prefix, cfg.max_segments_per_row,
                                                   groups=groups)
-            split.append(bool(p_info.leading) and cfg.split_prefix_attention)
-            inputs_fit.append(bool(p_info.inputs.fits or p_info.inputs.unpacked))
+            splits = splits and bool(p_info.leading & attention.table_fits(p_info.segments)
+                                     & attention.table_fits(p_info.inputs))
+            split.append(splits)
+            path = path if splits else "masked"
+        paths.append(path)
     out = {f"{p}_batches": paths.count(p) / len(paths) for p in ("causal", "packed", "masked")}
     if split:
         out["prefix_split_batches"] = sum(split) / len(split)
-        out["prefix_inputs_fit_batches"] = sum(f for f, s in zip(inputs_fit, split) if s) / len(split)
     return out
 
 
 def _cross_paths(cfg, host_batches, groups: int) -> dict[str, float]:
-    """Share of the batches whose cross-attention can take cuDNN's packed layout on a GPU (the
-    decoder's and encoder's segments pair and fit the tables); the rest take the dense mask."""
+    """Share of the batches whose cross-attention takes cuDNN's packed layout on a GPU (with
+    `packed_cross_attention`: the decoder's and encoder's segments pair and fit the tables); the
+    rest take the dense mask."""
     from zhchat.models import cross_attention
 
+    if not cfg.packed_cross_attention:  # off (the default): every batch takes the dense mask
+        return {"cross_packed_batches": 0.0}
     packed = []
     for b in host_batches:
         info = cross_attention.cross_info(jax.numpy.asarray(b["decoder_segment_ids"]),

@@ -179,6 +179,20 @@ def _cudnn_packed(q: Array, k: Array, v: Array, info: SegmentInfo, segment_ids: 
     return cudnn_packed_kernel(q, k, v, info, info, segment_ids, segment_ids, scale, causal)
 
 
+def _bidirectional_rows(q: Array, k: Array, v: Array, segment_ids: Array,
+                        implementation: str) -> Array:
+    """Bidirectional attention over rows of one document (ids 1..1 0..0), bounded by the row's
+    length. Positions past it are zeroed in and out, so their outputs and gradients are zero
+    whatever a kernel leaves there (a row with no document counts as length 1)."""
+    lengths = jnp.maximum(jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32), 1)
+    valid = (jnp.arange(q.shape[1])[None, :] < lengths[:, None])[:, :, None, None]
+    q, k, v = (jnp.where(valid, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
+    out = layers.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return jnp.where(valid, out, jnp.zeros((), out.dtype))
+
+
 def table_fits(info: SegmentInfo) -> Array:
     """True (scalar) when `packed_attention` needs no dense mask for these rows."""
     return info.unpacked | info.fits
@@ -205,15 +219,12 @@ def packed_attention(q: Array, k: Array, v: Array, *, segment_ids: Array,
     if impl == "splash" and splash.supported(q.shape[1], q.shape[-1]):
         return splash.splash_attention(q, k, v, segment_ids=segment_ids, causal=causal)
     if info is None:
-        info = segment_info(segment_ids, max_segments)
+        info = segment_info(segment_ids, max_segments, groups=batch_groups(q.shape[0]))
     if causal:  # one document a row: its padding keys come after every query of it
         plain = lambda: layers.dot_product_attention(q, k, v, is_causal=True,
                                                      implementation=implementation)
     else:       # ... but a bidirectional query would see them: the row's length bounds the keys
-        lengths = jnp.maximum(jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32), 1)
-        plain = lambda: layers.dot_product_attention(
-            q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-            implementation=implementation)
+        plain = lambda: _bidirectional_rows(q, k, v, segment_ids, implementation)
     masked = lambda: layers.dot_product_attention(
         q, k, v, mask=layers.make_attention_mask(segment_ids, segment_ids, causal=causal),
         implementation=implementation)

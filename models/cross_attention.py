@@ -60,19 +60,23 @@ def packed_cross_attention(q: Array, k: Array, v: Array, *, query_segment_ids: A
     """Attention of q [b, t, n, h] over k/v [b, s, n, h] where segment ids match: what
     `layers.make_attention_mask(query_segment_ids, kv_segment_ids)` gives. Outputs on query
     padding are unspecified (zero on the packed path)."""
-    masked = lambda: layers.dot_product_attention(
-        q, k, v, mask=layers.make_attention_mask(query_segment_ids, kv_segment_ids),
-        implementation=implementation, scale=scale)
+    def masked(q, k, v, q_seg, kv_seg):
+        return layers.dot_product_attention(q, k, v, mask=layers.make_attention_mask(q_seg, kv_seg),
+                                            implementation=implementation, scale=scale)
+    ids = (query_segment_ids, kv_segment_ids)
     if not attention.uses_packed_kernel(implementation, q.dtype, q.shape[-1]):
-        return masked()
+        return masked(q, k, v, *ids)
     if info is None:
-        info = cross_info(query_segment_ids, kv_segment_ids, max_segments)
+        info = cross_info(query_segment_ids, kv_segment_ids, max_segments,
+                          groups=attention.batch_groups(q.shape[0]))
     s = 1.0 / float(q.shape[-1]) ** 0.5 if scale is None else scale
     packed = lambda: attention.cudnn_packed_kernel(q, k, v, info.queries, info.keys,
                                                query_segment_ids, kv_segment_ids, s, False)
+    # the fallback is rematerialised: a cond's backward keeps every branch's residuals
+    fallback = lambda: jax.checkpoint(masked)(q, k, v, *ids)
     try:
-        return jax.lax.cond(info.paired & info.queries.fits & info.keys.fits, packed, masked)
+        return jax.lax.cond(info.paired & info.queries.fits & info.keys.fits, packed, fallback)
     except (NotImplementedError, ValueError) as e:  # shapes cuDNN's packed layout rejects
         layers.warn_once(f"cuDNN packed cross-attention rejected {q.shape} q / {k.shape} kv: "
                          f"{e}; packed rows use a dense mask")
-    return masked()
+    return masked(q, k, v, *ids)
