@@ -255,9 +255,8 @@ class Decoder(nn.Module):
         segments, order = None, None
         if prefix is not None and segment_ids is None and not decode:
             segment_ids = jnp.ones(tokens.shape, jnp.int32)
-        if prefix is not None and not cfg.split_prefix_attention:
-            pass  # the layers build the dense prefix-LM mask
-        elif segment_ids is not None and not decode:
+        tables = prefix is None or cfg.split_prefix_attention  # else the dense prefix-LM mask
+        if segment_ids is not None and not decode and tables:
             groups = attention.batch_groups(tokens.shape[0])
             if cfg.sort_packed_rows and attention.uses_packed_kernel(
                     cfg.attention_impl, dt, cfg.head_dim):

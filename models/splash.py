@@ -1,4 +1,5 @@
-"""Causal (and bidirectional) attention through splash attention (jax's Pallas TPU kernel) with segment ids.
+"""Causal or bidirectional attention through splash attention (jax's Pallas TPU kernel) with
+segment ids.
 
 On TPU this is the flash path for both one-document and packed rows: the kernel takes the segment
 ids itself and skips blocks that no query of a block may see. Elsewhere it runs in Pallas's

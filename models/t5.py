@@ -60,8 +60,7 @@ class T5Config:
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
-                      "num_decoder_layers", "relpos_buckets", "relpos_max_distance",
-                      "max_segments_per_row"):
+                      "num_decoder_layers", "relpos_buckets", "relpos_max_distance"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"T5Config.{field}={getattr(self, field)!r} must be positive")
         if self.max_segments_per_row < 2:
