@@ -53,7 +53,8 @@ class SegmentInfo(NamedTuple):
     offsets: Array    # [batch, M + 1] int32 document starts, from token row * len; -1 unused
 
 
-def _starts(segment_ids: Array) -> Array:
+def segment_starts(segment_ids: Array) -> Array:
+    """[batch, len] True where a segment (a run of one nonzero id) begins."""
     seg = segment_ids.astype(jnp.int32)
     previous = jnp.concatenate([jnp.zeros_like(seg[:, :1]), seg[:, :-1]], axis=1)
     return (seg != 0) & (seg != previous)
@@ -61,7 +62,7 @@ def _starts(segment_ids: Array) -> Array:
 
 def documents_per_row(segment_ids: Array) -> Array:
     """[batch] number of segments (runs of one nonzero id) in each row."""
-    return jnp.sum(_starts(segment_ids), axis=1, dtype=jnp.int32)
+    return jnp.sum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
 
 
 def segment_info(segment_ids: Array, max_segments: int, *, groups: int = 1) -> SegmentInfo:
@@ -78,7 +79,7 @@ def segment_info(segment_ids: Array, max_segments: int, *, groups: int = 1) -> S
         raise ValueError(f"batch {b} does not split into {groups} groups")
     m, rows = max_segments, b // groups
     valid = segment_ids != 0
-    c = jnp.cumsum(_starts(segment_ids), axis=1, dtype=jnp.int32)  # starts at or before each token
+    c = jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)  # starts at or before each token
     count = c[:, -1].reshape(groups, rows)
     end = jnp.cumsum(count, axis=1)                                # [g, rows] past each row's docs
     fits = jnp.all(end <= (jnp.arange(1, rows + 1) * m)[None, :])
@@ -231,10 +232,10 @@ def packed_attention(q: Array, k: Array, v: Array, *, segment_ids: Array,
     if uses_packed_kernel(implementation, q.dtype, q.shape[-1]):
         scale = 1.0 / float(q.shape[-1]) ** 0.5
         packed = lambda: _cudnn_packed(q, k, v, info, segment_ids, scale, causal)
-        branch = jnp.where(info.unpacked, 0, jnp.where(info.fits, 1, 2))
         try:
             if not fallback:
                 return jax.lax.cond(info.unpacked, plain, packed)
+            branch = jnp.where(info.unpacked, 0, jnp.where(info.fits, 1, 2))
             return jax.lax.switch(branch, (plain, packed, masked))
         except (NotImplementedError, ValueError) as e:  # shapes cuDNN's packed layout rejects
             layers.warn_once(f"cuDNN packed attention rejected {q.shape} q / {k.shape} kv "

@@ -33,8 +33,7 @@ class CrossInfo(NamedTuple):
 def _numbered(segment_ids: Array) -> tuple[Array, Array]:
     """(every token's id is its run's number 1, 2, ... in its row, [batch] run counts)."""
     seg = segment_ids.astype(jnp.int32)
-    previous = jnp.concatenate([jnp.zeros_like(seg[:, :1]), seg[:, :-1]], axis=1)
-    run = jnp.cumsum((seg != 0) & (seg != previous), axis=1, dtype=jnp.int32)
+    run = jnp.cumsum(attention.segment_starts(seg), axis=1, dtype=jnp.int32)
     return jnp.all((seg == 0) | (seg == run)), run[:, -1]
 
 

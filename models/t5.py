@@ -277,7 +277,6 @@ class T5(nn.Module):
             positions = jnp.arange(length)
             self_bias = (self.decoder_relpos.bucketed(segments) if self._bucket_kernel()
                          else self.decoder_relpos(positions, positions))
-            cross_mask = layers.make_attention_mask(segments, encoder_segment_ids)
             cfg = self.config
             packed_cross = cfg.packed_cross_attention and attention.uses_packed_kernel(
                 cfg.attention_impl, cfg.compute_dtype, cfg.head_dim)
@@ -286,6 +285,8 @@ class T5(nn.Module):
                     segments, encoder_segment_ids, cfg.max_segments_per_row,
                     groups=attention.batch_groups(segments.shape[0]))
                 cross_mask = t5_layers.PackedCross(segments, encoder_segment_ids, info)
+            else:
+                cross_mask = layers.make_attention_mask(segments, encoder_segment_ids)
             if unpacked:
                 self_lengths = t5_layers.padding_lengths(segments, segments)
                 cross_lengths = t5_layers.padding_lengths(segments, encoder_segment_ids)
